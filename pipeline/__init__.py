@@ -1,0 +1,3 @@
+"""tsae: harvest → train → analyze sparse autoencoders, plain and tokenized, on LM activations."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,62 @@
+"""Per-token reconstruction error and active latents by unigram frequency (Tokenized SAEs, Fig. 2–3).
+
+Each held-out token's squared error ‖x − x̂‖² is grouped into log-spaced bins of its token's count in
+the cache (the unigram frequency). Errors are reported normalised by the held-out set's mean
+per-token variance, Σ‖x − mean‖² / n, so 1.0 means "no better than predicting the mean".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline import metrics as M
+from pipeline.saes.base import SAE
+
+
+@dataclass
+class TokenErrors:
+    """Per-token results of one SAE on a held-out set. All float32/int64 numpy arrays of length n."""
+
+    mse: np.ndarray
+    """‖x − x̂‖² per token, in raw activation units."""
+    l0: np.ndarray
+    max_act: np.ndarray
+    """float32 [d_sae]: each latent's max activation over the set (for unigram thresholds)."""
+
+
+@torch.no_grad()
+def token_errors(sae: SAE, x: torch.Tensor, tokens: torch.Tensor, batch_size: int = 4096) -> TokenErrors:
+    """Encode/decode x [n, d_model] with its tokens [n]; per-token squared error and L0."""
+    mse, l0 = [], []
+    mx = torch.zeros(sae.params.d_sae, device=x.device)
+    for s in range(0, len(x), batch_size):
+        xb = x[s:s + batch_size].to(sae.W_dec.dtype)
+        out = sae(xb, tokens[s:s + batch_size])
+        mse.append(M.mse_per_token(xb, out.x_hat).cpu())
+        l0.append(M.l0_per_token(out.latents).cpu())
+        mx = torch.maximum(mx, out.latents.amax(0))
+    return TokenErrors(torch.cat(mse).numpy(), torch.cat(l0).numpy(), mx.cpu().numpy())
+
+
+def frequency_bins(freq: np.ndarray, n_bins: int) -> np.ndarray:
+    """Log-spaced bin edges covering token counts ``freq`` (counts ≥ 1): float64 [n_bins + 1]."""
+    lo, hi = max(1.0, float(freq.min())), max(2.0, float(freq.max()))
+    return np.unique(np.geomspace(lo, hi * (1 + 1e-9), n_bins + 1))
+
+
+def by_frequency(values: np.ndarray, freq: np.ndarray, edges: np.ndarray) -> list[dict]:
+    """Group per-token ``values`` by the token's count ``freq`` into bins [edges[i], edges[i+1]).
+
+    Returns one row per non-empty bin: {lo, hi, n, mean, sem}.
+    """
+    idx = np.clip(np.searchsorted(edges, freq, side="right") - 1, 0, len(edges) - 2)
+    rows = []
+    for b in range(len(edges) - 1):
+        v = values[idx == b]
+        if len(v):
+            rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(len(v)), "mean": float(v.mean()),
+                         "sem": float(v.std() / np.sqrt(len(v)))})
+    return rows

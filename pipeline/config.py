@@ -1,0 +1,326 @@
+"""One TOML file configures harvest, train and analyze; dataclasses validate it at load time.
+
+A config file has three tables, ``[harvest]``, ``[train]`` and ``[analyze]``; SAEs to train are an
+array of tables ``[[train.saes]]``. Any value can be overridden from the command line with
+``--set section.key=value`` (values parse as TOML literals, falling back to plain strings;
+``train.saes.0.k=16`` indexes into the SAE list). Unknown keys and impossible values raise
+:class:`ConfigError` with a message that names the key and what to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message says which key and what to do."""
+
+
+DTYPES = ("float32", "float16")
+
+
+@dataclass
+class HarvestConfig:
+    """``[harvest]``: which model, text and hook points go into the activation cache."""
+
+    model: str = "SmolLM2-135M-Instruct"
+    """HF model name, local model folder, the embedded default ``SmolLM2-135M-Instruct``, or a tiny
+    random test model (``tiny-gpt2``, ``tiny-llama``)."""
+    dataset: str = "python3-doc"
+    """HF dataset name, local text/jsonl/parquet file, folder or glob, or ``python3-doc``."""
+    dataset_config: str | None = None
+    """HF dataset configuration name (e.g. ``en`` for ``allenai/c4``)."""
+    split: str = "train"
+    text_column: str = "text"
+    hooks: list[str] = field(default_factory=lambda: ["blocks.8.hook_resid_pre"])
+    """Hook points whose activations are cached, e.g. ``blocks.8.hook_resid_pre``."""
+    context_size: int = 256
+    """Tokens per cached sequence (BOS included when ``prepend_bos``)."""
+    n_tokens: int = 300_000
+    """Token budget: the cache holds ``ceil(n_tokens / context_size)`` sequences."""
+    batch_size: int = 8
+    """Sequences per model forward pass."""
+    dtype: str = "float16"
+    """Storage dtype of cached activations: float16 or float32."""
+    prepend_bos: bool = True
+    bos_token: str = ""
+    """Token put first in every window and in the [BOS, t] unigram inputs; empty = the model's default
+    (the tokenizer's BOS, or for SmolLM2 its pretraining document token <|endoftext|>)."""
+    sep_token: str = ""
+    """Token placed between documents; empty = the model's default (EOS, or <|endoftext|> for SmolLM2)."""
+    seq_chunk: int = 0
+    """Sequences per Zarr chunk along ``n_seq``; 0 picks about 4 MiB per chunk."""
+    device: str = "auto"
+    """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``..."""
+    model_dtype: str = "float32"
+    """dtype the LM runs in (float32, bfloat16 or float16)."""
+    cache_dir: str = "runs/cache"
+    """Where the Zarr cache is written."""
+
+    def validate(self) -> None:
+        _positive(self, "context_size", "batch_size", "n_tokens")
+        if self.context_size < 2:
+            raise ConfigError("harvest.context_size must be >= 2 (BOS plus at least one token)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"harvest.dtype={self.dtype!r}: choose one of {DTYPES}")
+        if self.model_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"harvest.model_dtype={self.model_dtype!r}: float32, bfloat16 or float16")
+        if not self.hooks:
+            raise ConfigError("harvest.hooks is empty: name at least one hook point, e.g. blocks.8.hook_resid_pre")
+        if self.seq_chunk < 0:
+            raise ConfigError("harvest.seq_chunk must be >= 0 (0 = automatic)")
+
+
+@dataclass
+class SAEConfig:
+    """``[[train.saes]]``: one SAE to train. Unset fields take ``[train]``-level defaults."""
+
+    name: str = ""
+    """Folder name under ``train.out_dir``; defaults to ``<architecture>[-tok]-<d_sae>-k<k>``."""
+    architecture: str = "topk"
+    tokenized: bool = False
+    """Add the per-token lookup table ``W_lookup[token]`` to the decoder (Tokenized SAEs, Sec. 4)."""
+    expansion: int = 8
+    """d_sae = expansion * d_model, unless ``d_sae`` is set."""
+    d_sae: int = 0
+    k: int = 32
+    """Active latents per token (TopK)."""
+    alpha: float = 0.5
+    """Lookup init scale: W_lookup = alpha * unigram, SAE path (encoder) scaled by 1 - alpha."""
+    lr: float = 0.0
+    """Learning rate; 0 takes ``train.lr``."""
+    lookup_lr_scale: float = 100.0
+    """Lookup learning rate = lookup_lr_scale * lr (paper Sec. 4.2: up to 100x)."""
+    seed: int = -1
+    """-1 takes ``train.seed``."""
+
+    def validate(self, where: str) -> None:
+        from pipeline.saes.registry import ARCHITECTURES
+
+        if self.architecture not in ARCHITECTURES:
+            raise ConfigError(
+                f"{where}.architecture={self.architecture!r} is unknown; available: {sorted(ARCHITECTURES)}")
+        _positive(self, "k", prefix=where)
+        if self.expansion <= 0 and self.d_sae <= 0:
+            raise ConfigError(f"{where}: set expansion > 0 or d_sae > 0")
+        if not 0.0 <= self.alpha < 1.0:
+            raise ConfigError(f"{where}.alpha={self.alpha} must be in [0, 1)")
+        if self.lookup_lr_scale <= 0:
+            raise ConfigError(f"{where}.lookup_lr_scale must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    """``[train]``: SAEs trained together from one cache, sharing every batch."""
+
+    cache_dir: str = ""
+    """Cache to read; empty means ``harvest.cache_dir``."""
+    out_dir: str = "runs/saes"
+    hook: str = ""
+    """Hook point to train on; empty means the first of the cache's hooks."""
+    saes: list[SAEConfig] = field(default_factory=lambda: [SAEConfig(), SAEConfig(tokenized=True)])
+    batch_size: int = 4096
+    """Tokens per training batch."""
+    buffer_tokens: int = 131_072
+    """Tokens in the in-memory shuffle buffer (paper: 128K)."""
+    n_epochs: float = 1.0
+    """Passes over the training split of the cache (fractions allowed)."""
+    lr: float = 4e-4
+    warmup_steps: int = 10
+    """Linear lr warm-up steps before cosine decay."""
+    seed: int = 0
+    holdout_frac: float = 0.05
+    """Fraction of cache chunks held out for evaluation (at least one chunk)."""
+    exclude_bos: bool = True
+    """Drop position 0 (the BOS attention sink) from training and evaluation batches."""
+    log_every: int = 10
+    """Training metrics are logged every this many steps."""
+    dead_after_tokens: int = 100_000
+    """A latent counts as dead when it has not fired for this many training tokens."""
+    device: str = "auto"
+
+    def validate(self) -> None:
+        _positive(self, "batch_size", "buffer_tokens", "lr", "n_epochs", "log_every", "dead_after_tokens")
+        if self.buffer_tokens < self.batch_size:
+            raise ConfigError(
+                f"train.buffer_tokens={self.buffer_tokens} < train.batch_size={self.batch_size}: "
+                "the shuffle buffer must hold at least one batch")
+        if not 0.0 < self.holdout_frac < 1.0:
+            raise ConfigError(f"train.holdout_frac={self.holdout_frac} must be in (0, 1)")
+        if not self.saes:
+            raise ConfigError("train.saes is empty: add at least one [[train.saes]] table")
+        names = [s.name for s in self.saes if s.name]
+        if len(names) != len(set(names)):
+            raise ConfigError(f"train.saes names must be unique, got {names}")
+        for i, s in enumerate(self.saes):
+            s.validate(f"train.saes.{i}")
+
+
+ANALYSES = ("ngrams", "mse_by_freq", "unigram_features")
+
+
+@dataclass
+class AnalyzeConfig:
+    """``[analyze]``: statistics and plots over a cache and the SAEs trained on it."""
+
+    out_dir: str = "runs/analysis"
+    analyses: list[str] = field(default_factory=lambda: list(ANALYSES))
+    top_n: int = 20
+    """Rows in the top n-gram tables."""
+    n_freq_bins: int = 12
+    """Log-spaced unigram-frequency bins for reconstruction MSE by frequency."""
+    unigram_threshold: float = 0.5
+    """A unigram activates a latent when f(unigram) > threshold * (the latent's max activation on
+    held-out tokens)."""
+    eval_tokens: int = 50_000
+    """Held-out tokens encoded for the per-token analyses."""
+    device: str = "auto"
+
+    def validate(self) -> None:
+        bad = [a for a in self.analyses if a not in ANALYSES]
+        if bad:
+            raise ConfigError(f"analyze.analyses has unknown entries {bad}; available: {list(ANALYSES)}")
+        _positive(self, "top_n", "n_freq_bins", "eval_tokens")
+        if not 0.0 <= self.unigram_threshold < 1.0:
+            raise ConfigError("analyze.unigram_threshold must be in [0, 1)")
+
+
+@dataclass
+class Config:
+    harvest: HarvestConfig = field(default_factory=HarvestConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    source: str = ""
+    """Path of the TOML file this was loaded from (informational)."""
+
+    @property
+    def cache_dir(self) -> str:
+        """The cache ``train`` and ``analyze`` read: ``train.cache_dir`` or ``harvest.cache_dir``."""
+        return self.train.cache_dir or self.harvest.cache_dir
+
+    def validate(self) -> None:
+        self.harvest.validate()
+        self.train.validate()
+        self.analyze.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(obj: Any, *names: str, prefix: str | None = None) -> None:
+    section = prefix or {HarvestConfig: "harvest", TrainConfig: "train", AnalyzeConfig: "analyze"}.get(type(obj), "")
+    for n in names:
+        v = getattr(obj, n)
+        if not v > 0:
+            raise ConfigError(f"{section}.{n}={v!r} must be > 0")
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as a TOML literal (``3``, ``1e-3``, ``true``, ``["a","b"]``),
+    falling back to the raw string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``section.key=value`` override to a raw config dict in place.
+
+    Raises ConfigError when the assignment has no ``=`` or indexes past the end of a list.
+    """
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value, e.g. --set harvest.n_tokens=100000")
+    path, value = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    if len(keys) < 2:
+        raise ConfigError(f"--set {assignment!r}: the key needs a section, e.g. train.lr=1e-3")
+    node: Any = raw
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, k, keys[: i + 1])
+        else:
+            node = node.setdefault(k, {} if not keys[i + 1].isdigit() else [])
+    last = keys[-1]
+    if isinstance(node, list):
+        idx = int(last) if last.isdigit() else -1
+        if not 0 <= idx < len(node):
+            raise ConfigError(f"--set {assignment!r}: index {last} is outside the list of {len(node)}")
+        node[idx] = _parse_value(value.strip())
+    else:
+        node[last] = _parse_value(value.strip())
+
+
+def _list_item(node: list, key: str, path: list[str]) -> Any:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"{'.'.join(path)}: no such list element (the list has {len(node)})")
+    return node[int(key)]
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a raw dict, rejecting unknown keys and wrong types."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{where}] must be a table, got {type(raw).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(unknown)} in [{where}]; valid keys: {sorted(n for n in names if n != 'source')}")
+    kwargs = {}
+    for k, v in raw.items():
+        kwargs[k] = _coerce(hints[k], v, f"{where}.{k}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, v: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if tp is SAEConfig:
+        return _build(SAEConfig, v, where)
+    if origin is list:
+        (inner,) = get_args(tp)
+        if isinstance(v, (str, dict)) or not isinstance(v, list):
+            v = [v]
+        return [_coerce(inner, x, f"{where}.{i}") for i, x in enumerate(v)]
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if args and v is None:
+        return None
+    base = args[0] if args else tp
+    if base is float and isinstance(v, int) and not isinstance(v, bool):
+        return float(v)
+    if base in (int, float, str, bool) and not isinstance(v, base) or (base is int and isinstance(v, bool)):
+        raise ConfigError(f"{where}={v!r} should be {base.__name__}, got {type(v).__name__}")
+    return v
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a TOML config, apply ``--set`` overrides, validate.
+
+    Raises ConfigError (file missing, TOML syntax, unknown key, wrong type, impossible value).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found (see configs/ for examples)")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    for o in overrides:
+        apply_override(raw, o)
+    unknown = set(raw) - {"harvest", "train", "analyze"}
+    if unknown:
+        raise ConfigError(f"unknown section(s) {sorted(unknown)}; a config has [harvest], [train] and [analyze]")
+    cfg = Config(
+        harvest=_build(HarvestConfig, raw.get("harvest", {}), "harvest"),
+        train=_build(TrainConfig, raw.get("train", {}), "train"),
+        analyze=_build(AnalyzeConfig, raw.get("analyze", {}), "analyze"),
+        source=str(path or ""),
+    )
+    cfg.validate()
+    return cfg
