@@ -139,5 +139,85 @@ def run(config: str, overrides: tuple[str, ...]) -> None:
     click.echo(train.format_table(tr["results"], an.get("unigram_fraction")))
 
 
+@main.group()
+def cache() -> None:
+    """List, inspect, verify and remove activation caches."""
+
+
+@cache.command("ls")
+@click.argument("root", required=False)
+@_guard
+def cache_ls(root: str | None) -> None:
+    """Caches under ROOT (default: $TSAE_CACHE_ROOT or runs/caches)."""
+    from pipeline.cache import is_locked, list_caches
+
+    root = root or os.environ.get("TSAE_CACHE_ROOT") or "runs/caches"
+    caches = list_caches(root)
+    if not caches:
+        click.echo(f"no caches under {root}")
+        return
+    click.echo(f"{'path':<48} {'model':<24} {'hooks':<28} {'tokens':>12} {'MiB':>8}  state")
+    for c in caches:
+        state = "writing" if is_locked(c.path) else ("complete" if c.meta.get("complete") else "partial")
+        click.echo(f"{c.path:<48} {c.meta['model'][:24]:<24} {','.join(c.hooks)[:28]:<28} "
+                   f"{c.n_seq * c.context_size:>12,} {c.nbytes_stored() / 2**20:>8.1f}  {state}")
+
+
+@cache.command("info")
+@click.argument("path")
+@_guard
+def cache_info(path: str) -> None:
+    """Attributes, sizes and state of the cache at PATH."""
+    import json as _json
+
+    from pipeline.cache import Cache, is_locked
+
+    c = Cache.open(path)
+    click.echo(_json.dumps(c.meta, indent=2, default=str))
+    lock = is_locked(path)
+    click.echo(f"tokens: {c.n_seq * c.context_size:,} in {c.n_seq} sequences; stored {c.nbytes_stored() / 2**20:.1f} MiB; "
+               f"{'being written by pid ' + str(lock['pid']) + ' on ' + lock['host'] if lock else 'not being written'}")
+
+
+@cache.command("verify")
+@click.argument("path")
+@click.option("--samples", default=8, show_default=True, help="Sequences recomputed with the model.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--no-recompute", is_flag=True, help="Only scan for NaN/inf and bad tokens (no model).")
+@_guard
+def cache_verify(path: str, samples: int, seed: int, device: str, no_recompute: bool) -> None:
+    """Scan PATH for NaN/inf and bad tokens, recompute a sample with the model; exit 1 naming bad chunks."""
+    from pipeline.verify import verify_cache
+
+    rep = verify_cache(path, samples, seed=seed, device=device, recompute=not no_recompute)
+    if rep.ok:
+        click.echo(f"ok: {path} (recomputed rows {rep.rows_recomputed}, max error {rep.max_rel_err:.3g} x row RMS)")
+        return
+    for p in rep.problems:
+        click.echo(f"BAD {p}")
+    click.echo(f"{len(rep.bad_chunks)} bad chunk(s): {sorted(rep.bad_chunks)}")
+    sys.exit(1)
+
+
+@cache.command("rm")
+@click.argument("path")
+@click.option("--force", is_flag=True, help="Remove even while a writer holds the lock.")
+@_guard
+def cache_rm(path: str, force: bool) -> None:
+    """Delete the cache at PATH (refused while a harvest is writing it)."""
+    import fsspec
+
+    from pipeline.cache import Cache, CacheError, is_locked
+
+    Cache.open(path)  # refuse to delete something that is not a tsae cache
+    lock = is_locked(path)
+    if lock and not force:
+        raise CacheError(f"{path} is being written by pid {lock['pid']} on {lock['host']}; use --force to remove")
+    fs, p = fsspec.core.url_to_fs(path)
+    fs.rm(p, recursive=True)
+    click.echo(f"removed {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -18,24 +18,37 @@ the same harvest resumes there.
 
 from __future__ import annotations
 
+import getpass
+import hashlib
+import json
 import math
+import os
+import socket
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+import fsspec
 import zarr
 from zarr.codecs import BloscCodec
 
 FORMAT_VERSION = 1
 ATTR = "tsae"
+LOCK_KEY = ".tsae-writer.lock"
+STALE_LOCK_SECONDS = 600
 FLOAT16_MAX = float(np.finfo(np.float16).max)
+# Activation dtype → Zarr storage dtype. bfloat16 has no numpy dtype: its bits are stored as uint16.
+STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
 CHUNK_BYTES = 4 << 20
+# Everything that determines a cache's contents except its hooks and length: hashed into the fingerprint.
+FINGERPRINT_FIELDS = ("format_version", "model", "model_weights", "tokenizer", "model_dtype", "dataset",
+                      "context_size", "prepend_bos", "bos_token_id", "sep_token_id", "dtype")
 # Fields that must agree for an existing cache to be resumed or extended.
-IDENTITY_FIELDS = ("format_version", "model", "hooks", "context_size", "d_model", "d_vocab", "prepend_bos",
-                   "bos_token_id", "sep_token_id", "dataset", "dtype")
+IDENTITY_FIELDS = FINGERPRINT_FIELDS + ("d_model", "d_vocab")
 
 
 class CacheError(RuntimeError):
@@ -44,6 +57,16 @@ class CacheError(RuntimeError):
 
 class ActivationOverflowError(CacheError):
     """Activations do not fit the storage dtype (|x| > 65504 in float16) or are not finite."""
+
+
+def to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored activations (numpy, as read from Zarr) → torch tensor of the cache dtype ``dtype``.
+
+    bfloat16 caches hold the bits as uint16; they are reinterpreted losslessly.
+    """
+    if dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 def codec() -> BloscCodec:
@@ -62,6 +85,8 @@ def check_storable(acts: torch.Tensor, dtype: str, where: str) -> None:
 
     acts: any float tensor. dtype: "float16" | "float32". where: text naming the rows, for the message.
     """
+    if dtype not in STORAGE_DTYPES:
+        raise CacheError(f"unknown activation dtype {dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
     amax = acts.detach().abs().amax().float().item()
     if not math.isfinite(amax):
         raise ActivationOverflowError(f"non-finite activations (NaN or inf) in {where}; nothing was written for "
@@ -73,16 +98,113 @@ def check_storable(acts: torch.Tensor, dtype: str, where: str) -> None:
             "into a new cache_dir.")
 
 
+def fingerprint(meta: dict[str, Any]) -> str:
+    """Stable 16-hex-digit hash of ``meta``'s :data:`FINGERPRINT_FIELDS` (sha256 of their sorted JSON)."""
+    blob = json.dumps({k: meta.get(k) for k in FINGERPRINT_FIELDS}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def _meta_diff(a: dict, b: dict) -> list[str]:
     return [f"{k}: cache has {a.get(k)!r}, config asks {b.get(k)!r}" for k in IDENTITY_FIELDS if a.get(k) != b.get(k)]
+
+
+class WriterLock:
+    """One writer per cache: a lock object ``<cache>/.tsae-writer.lock`` holding pid, host and a heartbeat.
+
+    A lock is stale when its process is gone (same host) or its heartbeat is older than
+    :data:`STALE_LOCK_SECONDS`; a stale lock is taken over. On a local filesystem the lock is created
+    atomically (O_EXCL); on object stores it is check-then-write (best effort). Raises CacheError
+    when another live writer holds the cache.
+    """
+
+    def __init__(self, path: str):
+        self.fs, root = fsspec.core.url_to_fs(path)
+        self.key = root.rstrip("/") + "/" + LOCK_KEY
+        self.path = path
+        self.mine = {"pid": os.getpid(), "host": socket.gethostname(), "user": getpass.getuser(),
+                     "started": time.time()}
+        self._last_beat = 0.0
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.fs.cat_file(self.key))
+        except (FileNotFoundError, json.JSONDecodeError, OSError):
+            return None
+
+    def _stale(self, info: dict) -> bool:
+        if info.get("host") == socket.gethostname():
+            try:
+                os.kill(int(info["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, KeyError):
+                pass
+        return time.time() - float(info.get("heartbeat", 0)) > STALE_LOCK_SECONDS
+
+    def _write(self, exclusive: bool) -> bool:
+        data = json.dumps(dict(self.mine, heartbeat=time.time())).encode()
+        if self.fs.protocol in ("file", ("file", "local")) or "file" in self.fs.protocol:
+            os.makedirs(os.path.dirname(self.key), exist_ok=True)
+            if exclusive:
+                try:
+                    fd = os.open(self.key, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                return True
+            tmp = f"{self.key}.{os.getpid()}.tmp"
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, self.key)
+            return True
+        if exclusive and self.fs.exists(self.key):
+            return False
+        self.fs.pipe_file(self.key, data)
+        return True
+
+    def acquire(self) -> None:
+        for _ in range(3):
+            if self._write(exclusive=True):
+                return
+            info = self._read()
+            if info is None:
+                continue
+            if not self._stale(info):
+                raise CacheError(
+                    f"{self.path} is being written by pid {info.get('pid')} on {info.get('host')} (user "
+                    f"{info.get('user')}) since {time.ctime(info.get('started', 0))}; wait for it to finish, or, "
+                    f"if that process is gone, rerun after {STALE_LOCK_SECONDS // 60} min without a heartbeat "
+                    f"or delete {self.key}")
+            self.fs.rm_file(self.key)
+        raise CacheError(f"could not take the writer lock {self.key}")
+
+    def heartbeat(self) -> None:
+        if time.time() - self._last_beat > 10:
+            self._write(exclusive=False)
+            self._last_beat = time.time()
+
+    def release(self) -> None:
+        info = self._read()
+        if info and info.get("pid") == self.mine["pid"] and info.get("host") == self.mine["host"]:
+            self.fs.rm_file(self.key)
+
+
+def is_locked(path: str) -> dict | None:
+    """The live writer lock's contents if a harvest is writing ``path``, else None."""
+    lock = WriterLock(path)
+    info = lock._read()
+    return info if info and not lock._stale(info) else None
 
 
 class CacheWriter:
     """Create, resume or extend a cache and append sequences to it.
 
     meta: the ``tsae`` attribute minus ``n_seq``/``complete``/``unigram_hooks`` (it must hold every
-    :data:`IDENTITY_FIELDS` entry plus ``n_seq_target`` and ``seq_chunk``).
-    Raises CacheError when ``path`` holds a cache whose identity fields differ (the message lists them).
+    :data:`IDENTITY_FIELDS` entry plus ``hooks``, ``n_seq_target`` and ``seq_chunk``); ``fingerprint``
+    is added. An existing cache whose hooks include the requested ones is reused with all its hooks
+    (:attr:`hooks`). Raises CacheError when ``path`` holds a cache with other identity fields (the
+    message lists them), lacks a requested hook, or is locked by another live writer.
 
     Writes run on one background thread so compression overlaps the model forward; at most one
     chunk write is in flight. Call :meth:`close` (or use as a context manager) to drain it.
@@ -90,6 +212,7 @@ class CacheWriter:
 
     def __init__(self, path: str, meta: dict[str, Any]):
         self.path = path
+        meta = dict(meta, fingerprint=fingerprint(meta), fingerprint_fields=list(FINGERPRINT_FIELDS))
         existing = _open_existing(path)
         if existing is not None:
             old = dict(existing.attrs[ATTR])
@@ -97,15 +220,36 @@ class CacheWriter:
             if diff:
                 raise CacheError(f"{path} holds a different cache; differing fields:\n  " + "\n  ".join(diff) +
                                  "\nUse another harvest.cache_dir, or delete the old cache if it is yours.")
-            self.group = zarr.open_group(path, mode="r+")
+            missing = [h for h in meta["hooks"] if h not in old["hooks"]]
+            if missing:
+                raise CacheError(f"{path} caches hooks {old['hooks']} but not {missing}; harvest those into another "
+                                 "cache_dir (or list all hooks when creating a cache)")
+        self.lock = WriterLock(path)
+        self.lock.acquire()
+        try:
+            self._open(existing, meta)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open(self, existing: zarr.Group | None, meta: dict[str, Any]) -> None:
+        path = self.path
+        if existing is not None:
+            old = dict(existing.attrs[ATTR])
+            self.group = zarr.open_group(store_path(path), mode="r+")
             self.meta = old
-            if meta["n_seq_target"] > old["n_seq_target"]:
+            if old["n_seq"] == 0:  # nothing durable yet: (re)create the arrays
+                self.meta["n_seq_target"] = meta["n_seq_target"]
+                self._create()
+            elif meta["n_seq_target"] > old["n_seq_target"]:
                 self._resize(meta["n_seq_target"])
                 self.meta["complete"] = False
             self.meta["n_seq_target"] = max(meta["n_seq_target"], old["n_seq_target"])
         else:
             self.meta = dict(meta, n_seq=0, unigram_hooks=[], complete=False)
-            self.group = zarr.open_group(path, mode="w")
+            # "a", not "w" (that would delete the lock); the attribute goes first so that a crash while
+            # the arrays are being created leaves a cache with n_seq = 0, which is re-created on resume.
+            self.group = zarr.open_group(store_path(path), mode="a", attributes={ATTR: self.meta})
             self._create()
         self.seq_chunk = int(self.meta["seq_chunk"])
         self.next_row = int(self.meta["n_seq"])
@@ -122,10 +266,11 @@ class CacheWriter:
         n, ctx, d = m["n_seq_target"], m["context_size"], m["d_model"]
         ch = m["seq_chunk"]
         self.group.create_array("tokens", shape=(n, ctx), chunks=(ch, ctx), dtype="int32", compressors=codec(),
-                                fill_value=0)
+                                fill_value=0, overwrite=True)
         for h in m["hooks"]:
-            self.group.create_array(f"acts/{h}", shape=(n, ctx, d), chunks=(ch, ctx, d), dtype=m["dtype"],
-                                    compressors=codec(), fill_value=0)
+            self.group.create_array(f"acts/{h}", shape=(n, ctx, d), chunks=(ch, ctx, d),
+                                    dtype=STORAGE_DTYPES[m["dtype"]],
+                                    compressors=codec(), fill_value=0, overwrite=True)
 
     def _resize(self, n: int) -> None:
         self.group["tokens"].resize((n, self.meta["context_size"]))
@@ -136,6 +281,12 @@ class CacheWriter:
     def _commit(self) -> None:
         with self._lock:
             self.group.attrs[ATTR] = self.meta
+            self.lock.heartbeat()
+
+    @property
+    def hooks(self) -> list[str]:
+        """Every hook of the cache (append needs all of them)."""
+        return list(self.meta["hooks"])
 
     # -- writing --------------------------------------------------------------------------------
     @property
@@ -238,6 +389,7 @@ class CacheWriter:
             self._wait()
         finally:
             self._pool.shutdown(wait=True)
+            self.lock.release()
 
     def __enter__(self) -> CacheWriter:
         return self
@@ -247,16 +399,27 @@ class CacheWriter:
 
 
 def _to_host(a: torch.Tensor, dtype: str) -> np.ndarray:
+    """Cast to the cache dtype on the device, copy to (pinned) host memory, return numpy in storage dtype."""
     t = a.detach().to(getattr(torch, dtype))
+    if dtype == "bfloat16":
+        t = t.view(torch.int16)
     if t.device.type == "cuda":
         host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
         host.copy_(t, non_blocking=True)
         torch.cuda.current_stream(t.device).synchronize()
         t = host
-    return t.numpy()
+    out = t.numpy()
+    return out.view(np.uint16) if dtype == "bfloat16" else out
+
+
+def store_path(path: str) -> str:
+    """What zarr is given: ``file://`` URLs become plain paths (zarr's LocalStore creates folders and
+    writes atomically); other fsspec URLs (``memory://``, ``s3://``, ``gs://``) pass through."""
+    return path[len("file://"):] if path.startswith("file://") else path
 
 
 def _open_existing(path: str) -> zarr.Group | None:
+    path = store_path(path)
     try:
         g = zarr.open_group(path, mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
@@ -279,7 +442,7 @@ class Cache:
     def open(cls, path: str) -> Cache:
         """Open read-only. Raises CacheError if missing, not a tsae cache, or of an unknown format."""
         try:
-            g = zarr.open_group(path, mode="r")
+            g = zarr.open_group(store_path(path), mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise CacheError(f"no activation cache at {path}: run `python cli.py harvest CONFIG` first") from e
         if ATTR not in g.attrs:
@@ -292,7 +455,7 @@ class Cache:
 
     def refresh(self) -> None:
         """Re-read the attributes (``n_seq`` grows while a harvest is writing)."""
-        self.group = zarr.open_group(self.path, mode="r")
+        self.group = zarr.open_group(store_path(self.path), mode="r")
         self.meta = dict(self.group.attrs[ATTR])
 
     @property
@@ -323,10 +486,20 @@ class Cache:
         stop = self.n_seq if stop is None else min(stop, self.n_seq)
         return self.group["tokens"][start:stop]
 
+    @property
+    def dtype(self) -> str:
+        """Activation dtype: float32, float16 or bfloat16 (stored as uint16 bits)."""
+        return str(self.meta["dtype"])
+
     def acts(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Activations [rows, context_size, d_model] in the stored dtype for rows ``start:stop``."""
+        """Activations [rows, context_size, d_model] as stored (uint16 bits for bfloat16) for rows ``start:stop``."""
         stop = self.n_seq if stop is None else min(stop, self.n_seq)
         return self.group[f"acts/{hook}"][start:stop]
+
+    def acts_torch(self, hook: str, start: int = 0, stop: int | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Activations [rows, context_size, d_model] as a torch tensor in ``dtype`` (lossless for the cache dtype)."""
+        return to_torch(self.acts(hook, start, stop), self.dtype).to(dtype)
 
     def tokens_array(self) -> Any:
         """The ``tokens`` Zarr array limited to valid rows, as a dask array (for bounded-memory stats)."""
@@ -341,6 +514,10 @@ class Cache:
             raise CacheError(f"cache {self.path} has no unigram table for {hook}: rerun harvest to finish it")
         return torch.from_numpy(self.group[f"unigram/{hook}"][:])
 
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta.get("fingerprint", ""))
+
     def nbytes_stored(self) -> int:
         """Bytes on disk/store of all arrays (compressed)."""
         total = 0
@@ -348,3 +525,39 @@ class Cache:
                                                                         self.meta.get("unigram_hooks", [])]:
             total += self.group[name].nbytes_stored()
         return total
+
+
+def cache_path(root: str, model: str, fp: str) -> str:
+    """Where a cache lives under a shared root: ``<root>/<model slug>-<fingerprint>``."""
+    slug = "".join(c if c.isalnum() or c in "-_." else "-" for c in model.split("/")[-1])
+    return f"{root.rstrip('/')}/{slug}-{fp}"
+
+
+def list_caches(root: str) -> list[Cache]:
+    """Every tsae cache directly under ``root`` (a path or fsspec URL), sorted by path; [] if none."""
+    fs, base = fsspec.core.url_to_fs(root)
+    if not fs.exists(base):
+        return []
+    proto = root.split("://", 1)[0] + "://" if "://" in root else ""
+    out = []
+    for entry in sorted(fs.ls(base, detail=False)):
+        path = proto + entry if proto and not entry.startswith(proto) else entry
+        try:
+            out.append(Cache.open(path))
+        except CacheError:
+            continue
+    return out
+
+
+def find_cache(root: str, model: str, hooks: list[str], context_size: int, dataset: str, dtype: str) -> str:
+    """The cache under ``root`` made by this harvest request (most sequences first).
+
+    Raises CacheError naming the root when none matches.
+    """
+    hits = [c for c in list_caches(root)
+            if c.meta.get("model") == model and set(hooks) <= set(c.hooks) and c.context_size == context_size
+            and c.meta.get("dataset", {}).get("name") == dataset and c.dtype == dtype]
+    if not hits:
+        raise CacheError(f"no cache of {model} {hooks} on {dataset} under {root}: run `python cli.py harvest CONFIG` "
+                         "first, or set train.cache_dir")
+    return max(hits, key=lambda c: c.n_seq).path

@@ -10,6 +10,7 @@ array of tables ``[[train.saes]]``. Any value can be overridden from the command
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ class ConfigError(ValueError):
     """A config file or override is invalid; the message says which key and what to do."""
 
 
-DTYPES = ("float32", "float16")
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -34,6 +35,10 @@ class HarvestConfig:
     """HF dataset name, local text/jsonl/parquet file, folder or glob, or ``python3-doc``."""
     dataset_config: str | None = None
     """HF dataset configuration name (e.g. ``en`` for ``allenai/c4``)."""
+    dataset_revision: str | None = None
+    """HF dataset revision (branch, tag or commit) — part of the cache fingerprint."""
+    data_seed: int = 0
+    """Order in which local files are read (seeded shuffle; -1 = sorted) — part of the fingerprint."""
     split: str = "train"
     text_column: str = "text"
     hooks: list[str] = field(default_factory=lambda: ["blocks.8.hook_resid_pre"])
@@ -45,7 +50,7 @@ class HarvestConfig:
     batch_size: int = 8
     """Sequences per model forward pass."""
     dtype: str = "float16"
-    """Storage dtype of cached activations: float16 or float32."""
+    """Storage dtype of cached activations: float32, float16 or bfloat16 (stored losslessly as uint16 bits)."""
     prepend_bos: bool = True
     bos_token: str = ""
     """Token put first in every window and in the [BOS, t] unigram inputs; empty = the model's default
@@ -58,8 +63,10 @@ class HarvestConfig:
     """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``..."""
     model_dtype: str = "float32"
     """dtype the LM runs in (float32, bfloat16 or float16)."""
-    cache_dir: str = "runs/cache"
-    """Where the Zarr cache is written."""
+    cache_dir: str = ""
+    """Where the Zarr cache is written (a path or fsspec URL). Empty: ``<cache_root>/<model>-<fingerprint>``."""
+    cache_root: str = ""
+    """Shared root where caches are addressed by fingerprint; empty: ``$TSAE_CACHE_ROOT`` or ``runs/caches``."""
 
     def validate(self) -> None:
         _positive(self, "context_size", "batch_size", "n_tokens")
@@ -199,8 +206,14 @@ class Config:
 
     @property
     def cache_dir(self) -> str:
-        """The cache ``train`` and ``analyze`` read: ``train.cache_dir`` or ``harvest.cache_dir``."""
+        """The cache ``train`` and ``analyze`` read: ``train.cache_dir`` or ``harvest.cache_dir``; empty when
+        the cache is addressed by fingerprint under the cache root (see ``stages.resolve_cache``)."""
         return self.train.cache_dir or self.harvest.cache_dir
+
+    @property
+    def cache_root(self) -> str:
+        """``harvest.cache_root``, else ``$TSAE_CACHE_ROOT``, else ``runs/caches``."""
+        return self.harvest.cache_root or os.environ.get("TSAE_CACHE_ROOT", "") or "runs/caches"
 
     def validate(self) -> None:
         self.harvest.validate()

@@ -13,6 +13,7 @@ each starting with BOS when ``prepend_bos`` (the BOS is not part of the packed s
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import random
 from collections.abc import Iterable, Iterator
@@ -40,6 +41,8 @@ class TextSource:
     files: list[str]
     config: str | None = None
     split: str = "train"
+    revision: str | None = None
+    """Hub dataset revision (branch, tag or commit)."""
     text_column: str = "text"
     seed: int = 0
     """Local files are read in a seeded random order (-1: sorted order)."""
@@ -47,10 +50,16 @@ class TextSource:
     def describe(self) -> dict:
         """JSON-able description for the cache attributes."""
         d = {"name": self.name, "builder": self.builder, "config": self.config, "split": self.split,
+             "revision": self.revision,
              "text_column": self.text_column, "seed": self.seed, "n_files": len(self.files)}
         if self.files:
             d["files"] = self.files if len(self.files) <= 16 else self.files[:8] + ["..."]
             d["bytes"] = sum(os.path.getsize(f) for f in self.files)
+            h = hashlib.sha256()
+            for f in sorted(self.files):
+                with open(f, "rb") as fh:
+                    h.update(hashlib.sha256(fh.read()).digest())
+            d["sha256"] = h.hexdigest()
         return d
 
 
@@ -77,7 +86,7 @@ def _local_files(spec: str) -> list[str] | None:
 
 
 def resolve_source(name: str, config: str | None = None, split: str = "train", text_column: str = "text",
-                   seed: int = 0) -> TextSource:
+                   seed: int = 0, revision: str | None = None) -> TextSource:
     """Resolve a dataset spec to a :class:`TextSource` without reading it.
 
     Raises DatasetLoadError for an empty glob, mixed/unknown file types, a missing python3-doc,
@@ -101,7 +110,8 @@ def resolve_source(name: str, config: str | None = None, split: str = "train", t
 
     if not hub_reachable():
         raise DatasetLoadError(offline_message("dataset", name))
-    return TextSource(name, "hub", [], config=config, split=split, text_column=text_column, seed=seed)
+    return TextSource(name, "hub", [], config=config, split=split, text_column=text_column, seed=seed,
+                      revision=revision)
 
 
 def iter_texts(src: TextSource) -> Iterator[str]:
@@ -110,7 +120,7 @@ def iter_texts(src: TextSource) -> Iterator[str]:
 
     datasets.disable_progress_bars()
     if src.builder == "hub":
-        ds = datasets.load_dataset(src.name, src.config, split=src.split, streaming=True)
+        ds = datasets.load_dataset(src.name, src.config, split=src.split, streaming=True, revision=src.revision)
         column = src.text_column
     else:
         files = list(src.files)

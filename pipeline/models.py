@@ -15,7 +15,9 @@ Three kinds of name are understood by :func:`load_model`:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -109,6 +111,8 @@ class LM:
     bos_token_id: int
     sep_token_id: int
     """Token placed between documents when packing windows (EOS, else BOS)."""
+    folder: str = ""
+    """Local folder or hub name the weights were loaded from."""
 
     @property
     def device(self) -> torch.device:
@@ -279,7 +283,38 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str = "flo
     if bos is None:
         raise ModelLoadError(f"tokenizer of {name!r} has neither a BOS nor an EOS token: set harvest.bos_token")
     return LM(bridge=bridge, tokenizer=tokenizer, name=name, source=source, d_model=int(cfg.d_model),
-              d_vocab=int(cfg.d_vocab), n_layers=int(cfg.n_layers), bos_token_id=int(bos), sep_token_id=int(sep))
+              d_vocab=int(cfg.d_vocab), n_layers=int(cfg.n_layers), bos_token_id=int(bos), sep_token_id=int(sep),
+              folder=folder)
+
+
+def _sha256_files(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def model_identity(lm: LM) -> dict[str, str]:
+    """What pins the model's outputs, for the cache fingerprint.
+
+    Returns {"model_weights": "sha256:<hex>" of the local safetensors files, or "revision:<commit>" of a
+    hub snapshot; "tokenizer": "sha256:<hex>" of the tokenizer's serialised vocabulary and rules}.
+    """
+    folder = Path(lm.folder)
+    if folder.is_dir():
+        files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+        weights = f"sha256:{_sha256_files(files)}" if files else "unknown"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(lm.folder, "config.json")
+        weights = f"revision:{Path(cached).parent.name}" if isinstance(cached, str) else "unknown"
+    backend = getattr(lm.tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(lm.tokenizer.get_vocab(), sort_keys=True)
+    return {"model_weights": weights, "tokenizer": "sha256:" + hashlib.sha256(text.encode()).hexdigest()}
 
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")

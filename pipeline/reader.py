@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.cache import Cache, CacheError
+from pipeline.cache import Cache, CacheError, to_torch
 
 
 @dataclass
@@ -52,8 +52,8 @@ def split_chunks(cache: Cache, holdout_frac: float, seed: int = 0) -> tuple[list
     return sorted(perm[n_hold:].tolist()), sorted(perm[:n_hold].tolist())
 
 
-def read_chunk(cache: Cache, hook: str, chunk: int, exclude_bos: bool) -> tuple[np.ndarray, np.ndarray]:
-    """One chunk flattened to tokens: (acts [n, d_model] stored dtype, token ids int64 [n]).
+def read_chunk(cache: Cache, hook: str, chunk: int, exclude_bos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk flattened to tokens: (acts [n, d_model] in the cache dtype, token ids int64 [n]), CPU tensors.
 
     With ``exclude_bos`` and a cache written with ``prepend_bos``, position 0 of each sequence is dropped.
     """
@@ -62,7 +62,8 @@ def read_chunk(cache: Cache, hook: str, chunk: int, exclude_bos: bool) -> tuple[
     toks = cache.group["tokens"][start:stop]
     if exclude_bos and cache.meta["prepend_bos"]:
         acts, toks = acts[:, 1:], toks[:, 1:]
-    return acts.reshape(-1, acts.shape[-1]), toks.reshape(-1).astype(np.int64)
+    acts = to_torch(acts.reshape(-1, acts.shape[-1]), cache.dtype)
+    return acts, torch.from_numpy(toks.reshape(-1).astype(np.int64))
 
 
 class ActivationReader:
@@ -118,8 +119,8 @@ class ActivationReader:
                 if nxt < len(order):
                     pending.append(pool.submit(read_chunk, self.cache, self.hook, order[nxt], self.exclude_bos))
                     nxt += 1
-                buf_a.append(torch.from_numpy(a))
-                buf_t.append(torch.from_numpy(t))
+                buf_a.append(a)
+                buf_t.append(t)
                 n_buf += len(t)
                 if n_buf >= self.buffer_tokens:
                     acts, toks = torch.cat(buf_a), torch.cat(buf_t)
@@ -150,8 +151,8 @@ def load_tokens(cache: Cache, hook: str, chunks: list[int], max_tokens: int, exc
     acts, toks, n = [], [], 0
     for c in chunks:
         a, t = read_chunk(cache, hook, c, exclude_bos)
-        acts.append(torch.from_numpy(a))
-        toks.append(torch.from_numpy(t))
+        acts.append(a)
+        toks.append(t)
         n += len(t)
         if n >= max_tokens:
             break

@@ -15,6 +15,7 @@ from pipeline.analysis.ngrams import count_ngrams, top_table, unigram_counts
 from pipeline.analysis.reconstruction import by_frequency, frequency_bins, token_errors
 from pipeline.analysis.unigram_features import unigram_feature_counts
 from pipeline.cache import Cache
+from stages import resolve_cache
 from pipeline.config import Config
 from pipeline.models import load_tokenizer, resolve_device
 from pipeline.reader import load_tokens, split_chunks
@@ -49,7 +50,7 @@ def run(cfg: Config) -> dict:
     a = cfg.analyze
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Cache.open(cfg.cache_dir)
+    cache = Cache.open(resolve_cache(cfg))
     hook = cache.check_hook(cfg.train.hook)
     dev = resolve_device(a.device)
     d_vocab = int(cache.meta["d_vocab"])

@@ -14,10 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import __version__
-from pipeline.cache import FORMAT_VERSION, CacheError, CacheWriter, auto_seq_chunk
+from pipeline.cache import FORMAT_VERSION, CacheError, CacheWriter, auto_seq_chunk, cache_path, fingerprint
 from pipeline.config import Config
 from pipeline.corpus import iter_texts, resolve_source, token_windows
-from pipeline.models import check_hooks, load_model, run_hooks, unigram_activations
+from pipeline.models import check_hooks, load_model, model_identity, run_hooks, unigram_activations
 
 
 def _expected_bytes(n_seq: int, ctx: int, d_model: int, d_vocab: int, itemsize: int, n_hooks: int) -> int:
@@ -37,7 +37,8 @@ def _check_room(path: str, need: int) -> None:
 
 
 def run(cfg: Config) -> dict:
-    """Harvest ``cfg.harvest`` into ``cfg.harvest.cache_dir``; resume or extend an existing cache.
+    """Harvest ``cfg.harvest`` into ``harvest.cache_dir`` (or ``<cache_root>/<model>-<fingerprint>``);
+    resume or extend an existing cache, reuse a complete one without model work.
 
     Returns a summary dict (path, n_seq, tokens, seconds, tokens_per_s). Raises CacheError,
     ModelLoadError, DatasetLoadError, ActivationOverflowError with actionable messages.
@@ -45,26 +46,28 @@ def run(cfg: Config) -> dict:
     h = cfg.harvest
     lm = load_model(h.model, h.device, h.model_dtype, h.bos_token, h.sep_token)
     check_hooks(lm, h.hooks)
-    src = resolve_source(h.dataset, h.dataset_config, h.split, h.text_column)
+    src = resolve_source(h.dataset, h.dataset_config, h.split, h.text_column, h.data_seed, h.dataset_revision)
     n_target = math.ceil(h.n_tokens / h.context_size)
     itemsize = 2 if h.dtype == "float16" else 4
     meta = {
         "format_version": FORMAT_VERSION, "tsae_version": __version__,
-        "model": lm.name, "model_source": lm.source, "hooks": list(h.hooks), "context_size": h.context_size,
+        "model": lm.name, "model_source": lm.source, **model_identity(lm), "hooks": list(h.hooks), "context_size": h.context_size,
         "d_model": lm.d_model, "d_vocab": lm.d_vocab, "prepend_bos": h.prepend_bos,
         "bos_token_id": lm.bos_token_id, "sep_token_id": lm.sep_token_id, "dataset": src.describe(),
         "dtype": h.dtype, "model_dtype": h.model_dtype, "n_seq_target": n_target,
         "seq_chunk": h.seq_chunk or auto_seq_chunk(h.context_size, lm.d_model, itemsize, n_target),
     }
+    path = h.cache_dir or cache_path(cfg.cache_root, lm.name, fingerprint(meta))
     need = _expected_bytes(n_target, h.context_size, lm.d_model, lm.d_vocab, itemsize, len(h.hooks))
     click.echo(f"harvest: {lm.name} {h.hooks} on {src.name}: {n_target} sequences x {h.context_size} tokens "
-               f"→ {h.cache_dir} (at most {need / 2**20:.1f} MiB before compression)")
-    _check_room(h.cache_dir, need)
-    writer = CacheWriter(h.cache_dir, meta)
+               f"→ {path} (at most {need / 2**20:.1f} MiB before compression)")
+    _check_room(path, need)
+    writer = CacheWriter(path, meta)
+    hooks = writer.hooks  # an existing cache may hold more hooks than asked for; extend them all
     if writer.complete:
-        click.echo(f"cache {h.cache_dir} is already complete ({writer.n_seq} sequences); no model work done")
+        click.echo(f"cache {path} is already complete ({writer.n_seq} sequences); no model work done")
         writer.close()
-        return {"path": h.cache_dir, "n_seq": writer.n_seq, "tokens": writer.n_seq * h.context_size,
+        return {"path": path, "n_seq": writer.n_seq, "tokens": writer.n_seq * h.context_size,
                 "seconds": 0.0, "tokens_per_s": float("nan")}
     start = writer.n_seq
     if start:
@@ -81,7 +84,7 @@ def run(cfg: Config) -> dict:
                 if not batch:
                     break
                 tokens = np.stack(batch)
-                acts = run_hooks(lm, torch.from_numpy(tokens).long().to(dev), h.hooks)
+                acts = run_hooks(lm, torch.from_numpy(tokens).long().to(dev), hooks)
                 writer.append(tokens, acts)
                 bar.update(len(batch))
             else:
@@ -89,7 +92,7 @@ def run(cfg: Config) -> dict:
         writer.flush()
         seconds = time.perf_counter() - t0
         new_tokens = (writer.n_seq - start) * h.context_size
-        todo = [x for x in h.hooks if x not in writer.meta["unigram_hooks"]]
+        todo = [x for x in hooks if x not in writer.meta["unigram_hooks"]]
         if todo:
             for hook, table in unigram_activations(lm, todo).items():
                 writer.write_unigram(hook, table)
@@ -99,5 +102,5 @@ def run(cfg: Config) -> dict:
         raise
     if exhausted:
         click.echo(f"warning: the corpus ran out after {writer.n_seq} sequences (asked for {n_target})")
-    return {"path": h.cache_dir, "n_seq": writer.n_seq, "tokens": writer.n_seq * h.context_size,
+    return {"path": path, "n_seq": writer.n_seq, "tokens": writer.n_seq * h.context_size,
             "new_tokens": new_tokens, "seconds": seconds, "tokens_per_s": new_tokens / max(seconds, 1e-9)}

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from pipeline.analysis.plots import plot_training_curves
 from pipeline.cache import Cache
+from stages import resolve_cache
 from pipeline.config import Config, ConfigError, SAEConfig
 from pipeline.models import resolve_device
 from pipeline.reader import ActivationReader, load_tokens, split_chunks
@@ -32,7 +33,7 @@ def run(cfg: Config) -> dict:
     """Train ``cfg.train.saes`` on ``cfg.cache_dir``; write ``<out_dir>/<name>/{sae.safetensors, cfg.json,
     metrics.jsonl, eval.json}`` and ``<out_dir>/summary.json``. Returns {out_dir, results}."""
     t = cfg.train
-    cache = Cache.open(cfg.cache_dir)
+    cache = Cache.open(resolve_cache(cfg))
     hook = cache.check_hook(t.hook)
     dev = resolve_device(t.device)
     train_chunks, held_chunks = split_chunks(cache, t.holdout_frac, t.seed)
