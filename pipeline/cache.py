@@ -364,6 +364,18 @@ class CacheWriter:
         self._flush(final=True)
         self._wait()
 
+    def commit_rows(self, stop: int) -> None:
+        """Record rows [n_seq, stop) as durable after someone else (a distributed worker) wrote them.
+
+        Raises ValueError if rows are buffered here or ``stop`` is out of range.
+        """
+        if self._buf_tokens or not self.n_seq <= stop <= self.meta["n_seq_target"]:
+            raise ValueError(f"commit_rows({stop}) with n_seq={self.n_seq}, target={self.meta['n_seq_target']}")
+        self._wait()
+        self.meta["n_seq"] = stop
+        self.next_row = stop
+        self._commit()
+
     def write_unigram(self, hook: str, table: torch.Tensor) -> None:
         """Store ``unigram/<hook>``: float32 [d_vocab, d_model]. Raises ActivationOverflowError on NaN/inf."""
         check_storable(table, "float32", f"unigram table of {hook}")

@@ -61,6 +61,11 @@ class HarvestConfig:
     """Sequences per Zarr chunk along ``n_seq``; 0 picks about 4 MiB per chunk."""
     device: str = "auto"
     """``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:1``..."""
+    workers: int = 0
+    """0: harvest in this process. N > 0: start a local dask.distributed cluster of N worker processes
+    (one model each, on its own GPU when there are several) that write disjoint chunks."""
+    scheduler: str = ""
+    """Address of an existing dask.distributed scheduler to harvest on (overrides ``workers``)."""
     model_dtype: str = "float32"
     """dtype the LM runs in (float32, bfloat16 or float16)."""
     cache_dir: str = ""
@@ -80,6 +85,8 @@ class HarvestConfig:
             raise ConfigError("harvest.hooks is empty: name at least one hook point, e.g. blocks.8.hook_resid_pre")
         if self.seq_chunk < 0:
             raise ConfigError("harvest.seq_chunk must be >= 0 (0 = automatic)")
+        if self.workers < 0:
+            raise ConfigError("harvest.workers must be >= 0 (0 = this process)")
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import shutil
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from pipeline import __version__
 from pipeline.cache import FORMAT_VERSION, CacheError, CacheWriter, auto_seq_chunk, cache_path, fingerprint
 from pipeline.config import Config
+from pipeline.distributed import harvest_rows, unigram_table
 from pipeline.corpus import iter_texts, resolve_source, token_windows
 from pipeline.models import check_hooks, load_model, model_identity, run_hooks, unigram_activations
 
@@ -36,6 +38,62 @@ def _check_room(path: str, need: int) -> None:
                          f"{free / 2**30:.2f} GiB is free there; free space or choose another harvest.cache_dir")
 
 
+def chunk_batches(windows, start: int, n_target: int, seq_chunk: int, batch_size: int):
+    """Yield (first row, int32 [b, context_size]) batches of at most ``batch_size`` rows that never straddle
+    a chunk boundary, so one-process, resumed and distributed harvests run identical batches."""
+    row = start
+    while row < n_target:
+        limit = min(batch_size, n_target - row, (row // seq_chunk + 1) * seq_chunk - row)
+        batch = list(itertools.islice(windows, limit))
+        if not batch:
+            return
+        yield row, np.stack(batch)
+        row += len(batch)
+
+
+@contextlib.contextmanager
+def _client(h):
+    from dask.distributed import Client, LocalCluster
+
+    if h.scheduler:
+        with Client(h.scheduler) as client:
+            yield client
+        return
+    with LocalCluster(n_workers=h.workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def _harvest_distributed(client, writer: CacheWriter, path: str, model: dict, hooks: list[str], h, windows,
+                         bar) -> None:
+    """Send whole chunks to the cluster; advance n_seq over the contiguous prefix of finished chunks."""
+    from dask.distributed import wait
+
+    n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+    target, chunk = writer.meta["n_seq_target"], writer.seq_chunk
+    pending, done = set(), {}
+    for row, tokens in chunk_batches(windows, writer.n_seq, target, chunk, chunk):
+        pending.add(client.submit(harvest_rows, path, model, hooks, h.dtype, h.batch_size, row, tokens, pure=False))
+        if len(pending) >= 2 * n_workers:
+            finished, pending = wait(pending, return_when="FIRST_COMPLETED")
+            _collect(finished, done, writer, bar)
+    while pending:
+        finished, pending = wait(pending, return_when="FIRST_COMPLETED")
+        _collect(finished, done, writer, bar)
+
+
+def _collect(finished, done: dict, writer: CacheWriter, bar) -> None:
+    for f in finished:
+        a, b = f.result()  # re-raises a worker's error (e.g. float16 overflow)
+        done[a] = b
+        bar.update(b - a)
+    stop = writer.n_seq
+    while stop in done:
+        stop = done.pop(stop)
+    if stop > writer.n_seq:
+        writer.commit_rows(stop)
+
+
 def run(cfg: Config) -> dict:
     """Harvest ``cfg.harvest`` into ``harvest.cache_dir`` (or ``<cache_root>/<model>-<fingerprint>``);
     resume or extend an existing cache, reuse a complete one without model work.
@@ -44,7 +102,8 @@ def run(cfg: Config) -> dict:
     ModelLoadError, DatasetLoadError, ActivationOverflowError with actionable messages.
     """
     h = cfg.harvest
-    lm = load_model(h.model, h.device, h.model_dtype, h.bos_token, h.sep_token)
+    distributed = bool(h.workers or h.scheduler)  # then the workers hold the models; ours only tokenizes
+    lm = load_model(h.model, "cpu" if distributed else h.device, h.model_dtype, h.bos_token, h.sep_token)
     check_hooks(lm, h.hooks)
     src = resolve_source(h.dataset, h.dataset_config, h.split, h.text_column, h.data_seed, h.dataset_revision)
     n_target = math.ceil(h.n_tokens / h.context_size)
@@ -72,29 +131,31 @@ def run(cfg: Config) -> dict:
     start = writer.n_seq
     if start:
         click.echo(f"resuming at sequence {start} of {writer.meta['n_seq_target']}")
-    dev = lm.device
     t0 = time.perf_counter()
-    exhausted = True
+    windows = itertools.islice(token_windows(iter_texts(src), lm.tokenizer, h.context_size, h.prepend_bos,
+                                             lm.bos_token_id, lm.sep_token_id), start, None)
+    target = writer.meta["n_seq_target"]
     try:
-        windows = itertools.islice(token_windows(iter_texts(src), lm.tokenizer, h.context_size, h.prepend_bos,
-                                                 lm.bos_token_id, lm.sep_token_id), start, None)
-        with tqdm(total=writer.meta["n_seq_target"], initial=start, unit="seq", desc="harvest") as bar:
-            while writer.remaining() > 0:
-                batch = list(itertools.islice(windows, min(h.batch_size, writer.remaining())))
-                if not batch:
-                    break
-                tokens = np.stack(batch)
-                acts = run_hooks(lm, torch.from_numpy(tokens).long().to(dev), hooks)
-                writer.append(tokens, acts)
-                bar.update(len(batch))
+        with tqdm(total=target, initial=start, unit="seq", desc="harvest") as bar:
+            if distributed:
+                model = {"model": h.model, "model_dtype": h.model_dtype, "bos_token": h.bos_token,
+                         "sep_token": h.sep_token}
+                todo = [x for x in hooks if x not in writer.meta["unigram_hooks"]]
+                with _client(h) as client:
+                    _harvest_distributed(client, writer, path, model, hooks, h, windows, bar)
+                    unigram = client.submit(unigram_table, model, todo).result() if todo else {}
             else:
-                exhausted = False
+                unigram = None
+                for row, tokens in chunk_batches(windows, start, target, writer.seq_chunk, h.batch_size):
+                    writer.append(tokens, run_hooks(lm, torch.from_numpy(tokens).long().to(lm.device), hooks))
+                    bar.update(len(tokens))
+        exhausted = writer.remaining() > 0
         writer.flush()
         seconds = time.perf_counter() - t0
         new_tokens = (writer.n_seq - start) * h.context_size
         todo = [x for x in hooks if x not in writer.meta["unigram_hooks"]]
         if todo:
-            for hook, table in unigram_activations(lm, todo).items():
+            for hook, table in (unigram or unigram_activations(lm, todo)).items():
                 writer.write_unigram(hook, table)
         writer.finish(exhausted=exhausted)
     except BaseException:

@@ -184,3 +184,57 @@ def test_sigkill_at_random_points_then_resume_equals_an_uninterrupted_run(tmp_pa
     np.testing.assert_array_equal(a.tokens(), b.tokens())
     np.testing.assert_array_equal(a.acts(hook), b.acts(hook))  # bitwise equal on CPU
     np.testing.assert_array_equal(a.unigram(hook).numpy(), b.unigram(hook).numpy())
+
+
+def test_two_worker_dask_harvest_equals_one_process(tmp_path):
+    one = make_config(tmp_path / "one", "harvest.n_tokens=3200", "harvest.seq_chunk=4", "harvest.batch_size=3")
+    harvest.run(one)
+    two = make_config(tmp_path / "two", "harvest.n_tokens=3200", "harvest.seq_chunk=4", "harvest.batch_size=3",
+                      "harvest.workers=2")
+    harvest.run(two)
+    a, b = Cache.open(one.harvest.cache_dir), Cache.open(two.harvest.cache_dir)
+    hook = a.hooks[0]
+    assert a.n_seq == b.n_seq == 50 and b.meta["complete"] and a.fingerprint == b.fingerprint
+    np.testing.assert_array_equal(a.tokens(), b.tokens())
+    np.testing.assert_array_equal(a.acts(hook), b.acts(hook))
+    np.testing.assert_array_equal(a.unigram(hook).numpy(), b.unigram(hook).numpy())
+
+
+@pytest.fixture
+def s3_server(monkeypatch):
+    """A real S3-compatible server (moto) on a free loopback port, with the env pointing s3fs at it."""
+    import socket
+
+    pytest.importorskip("s3fs")
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    for k, v in dict(AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test", AWS_DEFAULT_REGION="us-east-1",
+                     AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}").items():
+        monkeypatch.setenv(k, v)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("tsae-bucket")
+    yield "s3://tsae-bucket"
+    server.stop()
+
+
+def test_s3_cache_on_a_local_moto_server(tmp_path, s3_server):
+    url = f"{s3_server}/cache"
+    cfg = make_config(tmp_path, f"harvest.cache_dir={url}", "harvest.n_tokens=1280", "harvest.seq_chunk=4")
+    harvest.run(cfg)
+    local = make_config(tmp_path, "harvest.n_tokens=1280", "harvest.seq_chunk=4")
+    harvest.run(local)
+    a, b = Cache.open(url), Cache.open(local.harvest.cache_dir)
+    hook = a.hooks[0]
+    assert a.n_seq == 20 and a.meta["complete"] and a.fingerprint == b.fingerprint
+    np.testing.assert_array_equal(a.acts(hook), b.acts(hook))
+    tr = list(ActivationReader(a, hook, [0, 1, 2], batch_size=64, buffer_tokens=256))
+    assert sum(len(x.tokens) for x in tr) == 12 * 63
+    with pytest.raises(CacheError, match="differing fields"):
+        harvest.run(make_config(tmp_path, f"harvest.cache_dir={url}", "harvest.n_tokens=1280", "harvest.data_seed=3"))
