@@ -17,9 +17,16 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.cache import CacheError
     from pipeline.config import ConfigError
     from pipeline.corpus import DatasetLoadError
+    from pipeline.export import ExportError
     from pipeline.models import ModelLoadError
 
-    return (CacheError, ConfigError, DatasetLoadError, ModelLoadError)
+    return (CacheError, ConfigError, DatasetLoadError, ModelLoadError, ExportError, FileNotFoundError)
+
+
+def _interrupted() -> type[BaseException]:
+    from stages.train import TrainingInterrupted
+
+    return TrainingInterrupted
 
 
 def _load(config: str, overrides: tuple[str, ...]):
@@ -53,6 +60,9 @@ def _guard(fn):
         except _user_errors() as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
+        except _interrupted() as e:
+            click.echo(f"stopped: {e}", err=True)
+            sys.exit(130)
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -137,6 +147,17 @@ def run(config: str, overrides: tuple[str, ...]) -> None:
     click.echo("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     click.echo("")
     click.echo(train.format_table(tr["results"], an.get("unigram_fraction")))
+
+
+@main.command()
+@click.argument("sae_folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("out", type=click.Path(file_okay=False))
+@_guard
+def export(sae_folder: str, out: str) -> None:
+    """Export a saved SAE (or every SAE of a train.out_dir) to SAELens' on-disk format."""
+    from pipeline.export import export_command
+
+    export_command(sae_folder, out)
 
 
 @main.group()

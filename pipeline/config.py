@@ -10,6 +10,7 @@ array of tables ``[[train.saes]]``. Any value can be overridden from the command
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -91,24 +92,46 @@ class HarvestConfig:
 
 @dataclass
 class SAEConfig:
-    """``[[train.saes]]``: one SAE to train. Unset fields take ``[train]``-level defaults."""
+    """``[[train.saes]]``: one SAE to train — or a grid of them.
+
+    Any scalar field may be given as a list (``prefixes`` as a list of lists): the table then
+    expands to the Cartesian product of its lists, e.g. ``architecture = ["topk", "batchtopk"]``,
+    ``tokenized = [false, true]``, ``k = [16, 32]``, ``seed = [0, 1]`` gives 16 SAEs. Grid points that
+    differ only in a field their architecture ignores (k for relu/gated/jumprelu, the sparsity
+    coefficient for the TopK family) are merged. Unset fields take ``[train]``-level defaults.
+    """
 
     name: str = ""
-    """Folder name under ``train.out_dir``; defaults to ``<architecture>[-tok]-<d_sae>-k<k>``."""
+    """Folder name under ``train.out_dir``; defaults to ``<architecture>[-tok]-<d_sae>-<k or λ>[-s<seed>]``."""
     architecture: str = "topk"
+    """relu, gated, topk, batchtopk, jumprelu or matryoshka_batchtopk (pipeline/saes/registry.py)."""
     tokenized: bool = False
     """Add the per-token lookup table ``W_lookup[token]`` to the decoder (Tokenized SAEs, Sec. 4)."""
     expansion: int = 8
     """d_sae = expansion * d_model, unless ``d_sae`` is set."""
     d_sae: int = 0
     k: int = 32
-    """Active latents per token (TopK)."""
+    """Active latents per token (TopK family; BatchTopK: mean per token)."""
+    sparsity_coeff: float = -1.0
+    """λ of the L1 (relu, gated) or L0 (jumprelu) penalty; negative: the architecture's default."""
     alpha: float = 0.5
     """Lookup init scale: W_lookup = alpha * unigram, SAE path (encoder) scaled by 1 - alpha."""
+    lookup_rows: int = 0
+    """Tokenized: 0 = a row per vocabulary token; N = rows for the cache's N most frequent tokens only."""
     lr: float = 0.0
     """Learning rate; 0 takes ``train.lr``."""
     lookup_lr_scale: float = 100.0
     """Lookup learning rate = lookup_lr_scale * lr (paper Sec. 4.2: up to 100x)."""
+    aux_k: int = 512
+    """AuxK dead latents (TopK family; Gao et al. 2024)."""
+    aux_coeff: float = 1 / 32
+    """AuxK coefficient; 0 disables it."""
+    bandwidth: float = 0.001
+    """JumpReLU straight-through-estimator bandwidth ε."""
+    init_threshold: float = 0.001
+    """JumpReLU initial threshold."""
+    prefixes: list[int] = field(default_factory=list)
+    """Matryoshka nested dictionary sizes (ascending, last = d_sae); empty: d_sae/16 … d_sae."""
     seed: int = -1
     """-1 takes ``train.seed``."""
 
@@ -125,6 +148,43 @@ class SAEConfig:
             raise ConfigError(f"{where}.alpha={self.alpha} must be in [0, 1)")
         if self.lookup_lr_scale <= 0:
             raise ConfigError(f"{where}.lookup_lr_scale must be > 0")
+        if self.lookup_rows < 0 or self.aux_k < 0 or self.aux_coeff < 0:
+            raise ConfigError(f"{where}: lookup_rows, aux_k and aux_coeff must be >= 0")
+        if self.bandwidth <= 0 or self.init_threshold <= 0:
+            raise ConfigError(f"{where}: bandwidth and init_threshold must be > 0")
+
+    def canonical(self) -> SAEConfig:
+        """A copy with fields the architecture ignores reset to their defaults (for merging grid points)."""
+        c = dataclasses.replace(self)
+        topk_family = self.architecture in TOPK_FAMILY
+        if topk_family:
+            c.sparsity_coeff, c.bandwidth, c.init_threshold = -1.0, 0.001, 0.001
+        else:
+            c.k, c.aux_k, c.aux_coeff = 32, 512, 1 / 32
+            if self.architecture != "jumprelu":
+                c.bandwidth, c.init_threshold = 0.001, 0.001
+        if self.architecture != "matryoshka_batchtopk":
+            c.prefixes = []
+        if not self.tokenized:
+            c.alpha, c.lookup_rows, c.lookup_lr_scale = 0.5, 0, 100.0
+        return c
+
+
+TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
+"""Architectures whose sparsity is set by k (no λ)."""
+
+
+def expand_grid(raw: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """Expand one raw ``[[train.saes]]`` table whose scalar fields may be lists into the grid's tables."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{where}] must be a table, got {type(raw).__name__}")
+    axes = []
+    for k, v in raw.items():
+        is_axis = isinstance(v, list) and (k != "prefixes" or (v and isinstance(v[0], list)))
+        if is_axis and not v:
+            raise ConfigError(f"{where}.{k} is an empty list: give at least one value")
+        axes.append([(k, x) for x in v] if is_axis else [(k, v)])
+    return [dict(combo) for combo in itertools.product(*axes)]
 
 
 @dataclass
@@ -144,8 +204,36 @@ class TrainConfig:
     n_epochs: float = 1.0
     """Passes over the training split of the cache (fractions allowed)."""
     lr: float = 4e-4
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam (β1, β2) of the SAE parameters and the lookup."""
     warmup_steps: int = 10
     """Linear lr warm-up steps before cosine decay."""
+    lr_final_frac: float = 0.0
+    """The cosine decays the lr to this fraction of its peak at the last step."""
+    sparsity_warmup_steps: int = 0
+    """The L1 / L0 coefficient ramps linearly from 0 to its value over this many steps (0 = off)."""
+    b_dec_init: str = "mean"
+    """b_dec initialisation: "mean" or "geometric_median" of a sample (minus the lookup when tokenized)."""
+    grad_clip: float = 0.0
+    """Max global norm of the dense gradients (0 = off)."""
+    autocast: str = "auto"
+    """Mixed precision of the forward/backward (master weights stay float32): "none", "bf16", "fp16",
+    or "auto" = bf16 on CUDA (and on CPUs with native bf16 matmuls), else none."""
+    compile: bool = False
+    """torch.compile the SAE forward (needs a C++ compiler on CPU)."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many steps (0 = only on SIGTERM/SIGINT and at the end)."""
+    resume: bool = True
+    """Resume from ``out_dir/checkpoint`` when it exists (the config must match)."""
+    ce_eval_seqs: int = 16
+    """Held-out sequences for the CE-loss evaluation (0 = no CE evaluation, no LM loaded)."""
+    ce_every: int = 0
+    """Also log held-out CE added every this many steps (0 = only at the end)."""
+    workers: int = 0
+    """0: every SAE in this process. N > 0: split the SAEs into N groups on a local dask.distributed
+    cluster of N worker processes (one GPU each when present); every group reads the shared cache."""
+    scheduler: str = ""
+    """Address of an existing dask.distributed scheduler to run the groups on (overrides ``workers``)."""
     seed: int = 0
     holdout_frac: float = 0.05
     """Fraction of cache chunks held out for evaluation (at least one chunk)."""
@@ -159,6 +247,20 @@ class TrainConfig:
 
     def validate(self) -> None:
         _positive(self, "batch_size", "buffer_tokens", "lr", "n_epochs", "log_every", "dead_after_tokens")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ConfigError(f"train.adam_betas={self.adam_betas}: give two values in [0, 1), e.g. [0.9, 0.999]")
+        if self.b_dec_init not in ("mean", "geometric_median"):
+            raise ConfigError(f"train.b_dec_init={self.b_dec_init!r}: use \"mean\" or \"geometric_median\"")
+        if self.autocast not in ("auto", "none", "bf16", "fp16"):
+            raise ConfigError(f"train.autocast={self.autocast!r}: use auto, none, bf16 or fp16")
+        if not 0 <= self.lr_final_frac <= 1:
+            raise ConfigError(f"train.lr_final_frac={self.lr_final_frac} must be in [0, 1]")
+        for key in ("warmup_steps", "sparsity_warmup_steps", "checkpoint_every", "ce_eval_seqs", "ce_every",
+                    "workers"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0")
+        if self.grad_clip < 0:
+            raise ConfigError("train.grad_clip must be >= 0 (0 = off)")
         if self.buffer_tokens < self.batch_size:
             raise ConfigError(
                 f"train.buffer_tokens={self.buffer_tokens} < train.batch_size={self.batch_size}: "
@@ -301,6 +403,18 @@ def _coerce(tp: Any, v: Any, where: str) -> Any:
     origin = get_origin(tp)
     if tp is SAEConfig:
         return _build(SAEConfig, v, where)
+    if tp == list[SAEConfig]:
+        tables = v if isinstance(v, list) else [v]
+        out, seen = [], set()
+        for i, t in enumerate(tables):
+            grid = expand_grid(t, f"{where}.{i}")
+            for g in grid:
+                sae = _build(SAEConfig, g, f"{where}.{i}")
+                key = repr(sae.canonical()) if len(grid) > 1 else repr(sae)
+                if key not in seen:
+                    seen.add(key)
+                    out.append(sae.canonical() if len(grid) > 1 else sae)
+        return out
     if origin is list:
         (inner,) = get_args(tp)
         if isinstance(v, (str, dict)) or not isinstance(v, list):

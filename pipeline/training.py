@@ -1,14 +1,20 @@
-"""One training loop for many SAEs that share every batch.
+"""One training loop for many SAEs that share every batch; checkpoints that resume exactly.
 
-Each SAE has its own Adam optimiser, a linear warm-up followed by cosine decay to zero, unit-norm decoder rows with the parallel gradient component removed (Gao et al.
-2024), and a count of tokens since each latent last fired (dead latents).
+Each SAE has its own Adam optimiser with a linear warm-up followed by cosine decay (to
+``lr_final_frac`` of the peak), an optional linear warm-up of its sparsity coefficient, optional
+gradient clipping, and — where its architecture calls for it — unit-norm decoder rows with the
+parallel gradient component removed (Gao et al. 2024; Bricken et al. 2023). Architectures plug in
+through :class:`pipeline.saes.SAE` (``loss``, ``before_optimizer_step``, ``after_optimizer_step``).
 
-The tokenized lookup W_lookup [d_vocab, d_model] has its own learning rate (``lookup_lr_scale`` × the
-base rate, paper Sec. 4.2) and its own *lazy* Adam (``torch.optim.SparseAdam``): its gradient is
-sparse, and only the rows of tokens in the batch — and their moment estimates — are updated. Dense
-Adam would keep moving a row for many steps after its token was seen (the decaying first moment
-divided by a slower-decaying second moment), which for a hyper-sparse table at 100× the base rate
-adds large noise to rare tokens' rows; it would also touch all d_vocab rows every step.
+The tokenized lookup W_lookup has its own learning rate (``lookup_lr_scale`` × the base rate, paper
+Sec. 4.2) and its own *lazy* Adam (``torch.optim.SparseAdam``): its gradient is sparse, and only the
+rows of tokens in the batch — and their moment estimates — are updated. Dense Adam would keep moving a
+row for many steps after its token was seen (the decaying first moment divided by a slower-decaying
+second moment), which for a hyper-sparse table at 100× the base rate adds large noise to rare tokens'
+rows; it would also touch all d_vocab rows every step.
+
+Mixed precision: with ``autocast`` bf16/fp16 the forward and backward matmuls run in that dtype
+while parameters, optimiser state and the loss stay float32.
 
 Inputs are scaled by one scalar ``c`` so that E‖c·x‖² = d_model; :meth:`MultiTrainer.export` folds
 ``c`` back into the weights so saved SAEs take raw activations.
@@ -16,9 +22,11 @@ Inputs are scaled by one scalar ``c`` so that E‖c·x‖² = d_model; :meth:`Mu
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,108 +40,195 @@ def input_scale(x: Tensor) -> float:
     return float(math.sqrt(x.shape[-1] / x.float().pow(2).sum(-1).mean().clamp_min(1e-12)))
 
 
-def lr_lambda(warmup: int, total: int):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total`` steps."""
+def lr_lambda(warmup: int, total: int, final_frac: float = 0.0):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to ``final_frac`` of the peak at ``total``."""
     def f(step: int) -> float:
         w = min(1.0, (step + 1) / max(1, warmup))
-        return w * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+        cos = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+        return w * (final_frac + (1.0 - final_frac) * cos)
     return f
+
+
+def resolve_autocast(spec: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``spec`` ("none", "bf16", "fp16", "auto") on ``device``, or None for float32.
+
+    "auto": bf16 on CUDA; on CPU bf16 only if a 1024² bf16 matmul measures ≥ 2× faster than float32
+    here (CPUs with AVX512-BF16/AMX), else float32. fp16 on CPU raises ValueError.
+    """
+    if spec == "none":
+        return None
+    if spec == "bf16":
+        return torch.bfloat16
+    if spec == "fp16":
+        if device.type != "cuda":
+            raise ValueError("train.autocast=fp16 needs a CUDA device; use bf16 or none on CPU")
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if _cpu_bf16_speedup() >= 2.0 else None
+
+
+def _cpu_bf16_speedup(n: int = 1024, reps: int = 3) -> float:
+    def best(dtype):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - t)
+        return min(times)
+    return best(torch.float32) / max(best(torch.bfloat16), 1e-9)
+
+
+@dataclass
+class TrainOptions:
+    """Optimisation settings shared by every SAE of a run (see ``[train]`` in pipeline/config.py)."""
+
+    total_steps: int
+    warmup_steps: int = 10
+    lr_final_frac: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    sparsity_warmup_steps: int = 0
+    grad_clip: float = 0.0
+    autocast: torch.dtype | None = None
+    compile: bool = False
 
 
 @dataclass
 class Member:
-    """One SAE in a multi-SAE run."""
+    """One SAE in a multi-SAE run, with its optimisers (dense Adam; lazy Adam for the lookup)."""
 
     name: str
     sae: SAE
     optimizers: list[torch.optim.Optimizer]
     schedulers: list[torch.optim.lr_scheduler.LambdaLR]
-    since_fired: Tensor
-    """int64 [d_sae]: tokens since each latent last fired."""
+    forward: object = None
+    terms: dict[str, float] = field(default_factory=dict)
 
 
 class MultiTrainer:
     """Train several SAEs on the same (already scaled) batches.
 
-    saes: {name: (sae, lr, lookup_lr)}. total_steps: for the cosine schedule. dead_after: tokens
-    without firing after which a latent counts as dead. grad_clip: max grad norm (0 = off).
+    saes: {name: (sae, lr, lookup_lr)}; opts: :class:`TrainOptions`.
     """
 
-    def __init__(self, saes: dict[str, tuple[SAE, float, float]], total_steps: int, warmup_steps: int,
-                 dead_after: int, grad_clip: float = 0.0):
+    def __init__(self, saes: dict[str, tuple[SAE, float, float]], opts: TrainOptions):
+        self.opts = opts
         self.members: list[Member] = []
-        self.dead_after, self.grad_clip = dead_after, grad_clip
         self.step_count, self.tokens_seen = 0, 0
+        sched = lr_lambda(opts.warmup_steps, opts.total_steps, opts.lr_final_frac)
         for name, (sae, lr, lookup_lr) in saes.items():
-            base = [p for n, p in sae.named_parameters() if n != "W_lookup"]
-            opts: list[torch.optim.Optimizer] = [torch.optim.Adam(base, lr=lr, betas=(0.9, 0.999))]
+            dense = [p for n, p in sae.named_parameters() if n != "W_lookup"]
+            optims: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr, betas=opts.betas)]
             if sae.W_lookup is not None:
-                opts.append(torch.optim.SparseAdam([sae.W_lookup], lr=lookup_lr, betas=(0.9, 0.999)))
-            scheds = [torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(warmup_steps, total_steps)) for o in opts]
-            since = torch.zeros(sae.params.d_sae, dtype=torch.long, device=sae.W_dec.device)
-            self.members.append(Member(name, sae, opts, scheds, since))
+                optims.append(torch.optim.SparseAdam([sae.W_lookup], lr=lookup_lr, betas=opts.betas))
+            scheds = [torch.optim.lr_scheduler.LambdaLR(o, sched) for o in optims]
+            fwd = torch.compile(sae) if opts.compile else sae
+            self.members.append(Member(name, sae, optims, scheds, fwd))
 
-    def step(self, x: Tensor, tokens: Tensor) -> dict[str, dict[str, float]]:
+    def _autocast(self, device: torch.device):
+        if self.opts.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.opts.autocast)
+
+    def step(self, x: Tensor, tokens: Tensor, log: bool = True) -> dict[str, dict[str, float]]:
         """One optimisation step of every SAE on x [batch, d_model], tokens [batch].
 
-        Returns {name: {loss, mse, nmse, l0, dead_frac, lr}} for this batch (floats).
+        With ``log``, returns {name: {loss, mse, nmse, l0, dead_frac, lr, <terms>}} for this batch
+        (floats; computing them synchronises the device), else {}.
         """
         out = {}
+        warm = self.opts.sparsity_warmup_steps
         for m in self.members:
             sae = m.sae
             sae.train()
-            res = sae(x, tokens)
-            loss = res.mse + res.aux_loss
+            sae.sparsity_scale = min(1.0, (self.step_count + 1) / warm) if warm > 0 else 1.0
+            with self._autocast(x.device):
+                res = m.forward(x, tokens)
             for o in m.optimizers:
                 o.zero_grad(set_to_none=True)
-            loss.backward()
-            sae.remove_parallel_grads()
-            if self.grad_clip > 0:  # dense parameters only; the lookup's gradient is sparse
-                torch.nn.utils.clip_grad_norm_(m.optimizers[0].param_groups[0]["params"], self.grad_clip)
+            res.loss.backward()
+            sae.before_optimizer_step()
+            if self.opts.grad_clip > 0:  # dense parameters only; the lookup's gradient is sparse
+                torch.nn.utils.clip_grad_norm_(m.optimizers[0].param_groups[0]["params"], self.opts.grad_clip)
             for o, s in zip(m.optimizers, m.schedulers):
                 o.step()
                 s.step()
-            sae.normalize_decoder()
-            with torch.no_grad():
-                fired = M.firing_counts(res.latents) > 0
-                m.since_fired += x.shape[0]
-                m.since_fired[fired] = 0
-                out[m.name] = {
-                    "loss": float(loss), "mse": float(res.mse), "nmse": float(M.nmse(x, res.x_hat)),
-                    "l0": float(M.l0(res.latents)), "dead_frac": float(M.dead_fraction(m.since_fired, self.dead_after)),
-                    "lr": m.schedulers[0].get_last_lr()[0],
-                }
+            sae.after_optimizer_step()
+            if log:
+                with torch.no_grad():
+                    out[m.name] = {
+                        "loss": float(res.loss), "mse": float(res.mse), "nmse": float(M.nmse(x, res.x_hat)),
+                        "l0": float(M.l0(res.latents)), "dead_frac": float(sae.dead_mask().float().mean()),
+                        "lr": m.schedulers[0].get_last_lr()[0],
+                        **{k: float(v) for k, v in res.terms.items()},
+                    }
         self.step_count += 1
         self.tokens_seen += x.shape[0]
         return out
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, tokens: Tensor, batch_size: int = 4096) -> dict[str, dict[str, float]]:
-        """Held-out NMSE, explained variance and L0 of every SAE on x [n, d_model], tokens [n].
+    def evaluate(self, x: Tensor, tokens: Tensor, batch_size: int = 4096) -> dict[str, dict]:
+        """Held-out metrics of every SAE (eval mode) on x [n, d_model], tokens [n].
 
-        NMSE is over the whole set: Σ‖x - x̂‖² / Σ‖x - mean(x)‖².
+        NMSE over the whole set: Σ‖x - x̂‖² / Σ‖x - mean(x)‖²; explained variance = 1 - NMSE; L0 mean and
+        its histogram (``l0_hist``: counts of tokens with L0 = 0, 1, …); firing frequency per latent
+        (``firing_freq`` float [d_sae], fraction of held-out tokens it fires on), dead (never fires)
+        and dense (fires on > 10% of tokens) fractions.
         """
         mean = x.float().mean(0)
         var = (x.float() - mean).pow(2).sum().item()
         out = {}
         for m in self.members:
             m.sae.eval()
-            sse, nz = 0.0, 0.0
+            sse = 0.0
+            l0s = []
             fires = torch.zeros(m.sae.params.d_sae, dtype=torch.long, device=x.device)
             for s in range(0, len(x), batch_size):
                 xb, tb = x[s:s + batch_size], tokens[s:s + batch_size]
-                res = m.sae(xb, tb)
+                with self._autocast(x.device):
+                    res = m.sae(xb, tb)
                 sse += M.mse_per_token(xb, res.x_hat).sum().item()
-                nz += M.l0_per_token(res.latents).sum().item()
+                l0s.append(M.l0_per_token(res.latents))
                 fires += M.firing_counts(res.latents)
             n = max(1, len(x))
+            l0 = torch.cat(l0s) if l0s else torch.zeros(0)
+            freq = fires.float() / n
             out[m.name] = {"nmse": sse / max(var, 1e-12), "explained_variance": 1 - sse / max(var, 1e-12),
-                           "l0": nz / n, "dead_frac_heldout": float((fires == 0).float().mean())}
+                           "l0": float(l0.mean()) if len(l0) else 0.0,
+                           "l0_hist": torch.bincount(l0.long().cpu()).tolist() if len(l0) else [],
+                           "dead_frac_heldout": float((fires == 0).float().mean()),
+                           "dense_frac_heldout": float((freq > 0.1).float().mean()),
+                           "firing_freq": freq.cpu()}
         return out
 
     def export(self, name: str, scale: float) -> SAE:
-        """A CPU float32 copy of SAE ``name`` with the input scale folded into its weights."""
+        """A CPU float32 copy of SAE ``name`` (eval mode) with the input scale folded into its weights."""
         m = next(m for m in self.members if m.name == name)
         sae = copy.deepcopy(m.sae).float().cpu().eval()
         sae.fold_input_scale(scale)
         return sae
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: counters, each SAE's tensors, optimisers and schedules."""
+        return {"step_count": self.step_count, "tokens_seen": self.tokens_seen,
+                "members": {m.name: {"sae": m.sae.state_dict(),
+                                     "optimizers": [o.state_dict() for o in m.optimizers],
+                                     "schedulers": [s.state_dict() for s in m.schedulers]}
+                            for m in self.members}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`; raises ValueError if the SAEs differ from the checkpoint's."""
+        names = {m.name for m in self.members}
+        if set(state["members"]) != names:
+            raise ValueError(f"checkpoint holds SAEs {sorted(state['members'])}, this run {sorted(names)}")
+        self.step_count, self.tokens_seen = state["step_count"], state["tokens_seen"]
+        for m in self.members:
+            s = state["members"][m.name]
+            m.sae.load_state_dict(s["sae"])
+            for o, os_ in zip(m.optimizers, s["optimizers"]):
+                o.load_state_dict(os_)
+            for sc, ss in zip(m.schedulers, s["schedulers"]):
+                sc.load_state_dict(ss)

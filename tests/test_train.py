@@ -57,3 +57,115 @@ def test_initial_lookup_is_alpha_unigram(tiny_cache, tmp_path, monkeypatch):
     tok = load_sae(tmp_path / "saes" / "topk-tok")
     torch.testing.assert_close(tok.W_lookup, 0.3 * Cache.open(cfg.cache_dir).unigram(cache.hooks[0]),
                                rtol=1e-5, atol=1e-6)
+
+
+def _weights(folder):
+    from safetensors.torch import load_file
+
+    return load_file(folder / "sae.safetensors")
+
+
+def _small(tmp_path, cache_cfg, *extra):
+    return make_config(tmp_path, f"harvest.cache_dir={cache_cfg.harvest.cache_dir}",
+                       f"harvest.model={cache_cfg.harvest.model}", "train.batch_size=256",
+                       "train.buffer_tokens=2048", "train.n_epochs=2", "train.holdout_frac=0.2",
+                       "train.ce_eval_seqs=0", "train.autocast=none", *extra)
+
+
+def test_resume_after_a_signal_equals_an_uninterrupted_run(tiny_cache, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import pytest
+
+    from pipeline.training import MultiTrainer
+
+    cfg, _ = tiny_cache
+    saes = ('train.saes=[{name="bt", architecture="batchtopk", expansion=2, k=4}, '
+            '{name="jr-tok", architecture="jumprelu", tokenized=true, expansion=2, lookup_rows=50}]')
+    ref = _small(tmp_path / "ref", cfg, saes)
+    train.run(ref)
+
+    run = _small(tmp_path / "run", cfg, saes, "train.checkpoint_every=3")
+    orig = MultiTrainer.step
+    kills = iter([5, 11])  # SIGTERM during steps 5 and 11 (after the step-3/6/9 checkpoints)
+
+    state = {"next": next(kills)}
+
+    def step(self, *a, **kw):
+        out = orig(self, *a, **kw)
+        if state["next"] is not None and self.step_count == state["next"]:
+            state["next"] = next(kills, None)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(MultiTrainer, "step", step)
+    for _ in range(2):
+        with pytest.raises(train.TrainingInterrupted, match="Rerun the same command"):
+            train.run(run)
+        assert (tmp_path / "run" / "saes" / "checkpoint" / "state.pt").is_file()
+    train.run(run)  # resumes from step 11 and finishes
+    assert not (tmp_path / "run" / "saes" / "checkpoint").exists()
+    for name in ("bt", "jr-tok"):
+        a, b = _weights(tmp_path / "ref" / "saes" / name), _weights(tmp_path / "run" / "saes" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+        la = [json.loads(x) for x in open(tmp_path / "ref" / "saes" / name / "metrics.jsonl")]
+        lb = [json.loads(x) for x in open(tmp_path / "run" / "saes" / name / "metrics.jsonl")]
+        assert la == lb
+
+    # a checkpoint of a different run is refused, naming what differs
+    other = _small(tmp_path / "run", cfg, saes, "train.checkpoint_every=3", "train.lr=0.123")
+    state["next"] = 2
+    kills = iter([])
+    with pytest.raises(train.TrainingInterrupted):
+        train.run(run)
+    with pytest.raises(train.ConfigError, match="differs in: lr"):
+        train.run(other)
+
+
+def test_sweep_grid_trains_every_variant_on_shared_batches(tiny_cache, tmp_path):
+    cfg, _ = tiny_cache
+    c = _small(tmp_path, cfg, 'train.saes=[{architecture=["topk", "relu"], tokenized=[false, true], k=[4, 8], '
+                              'expansion=2, sparsity_coeff=[1.0]}]', "train.n_epochs=0.5")
+    names = [train.sae_name(s, 2 * 64) for s in c.train.saes]
+    # relu ignores k: 2 topk k-values x 2 tokenized + 1 relu x 2 tokenized
+    assert sorted(names) == sorted(["topk-128-k4", "topk-128-k8", "topk-tok-128-k4", "topk-tok-128-k8",
+                                    "relu-128-l1", "relu-tok-128-l1"])
+    summary = train.run(c)
+    res = {r["name"]: r for r in summary["results"]}
+    assert set(res) == set(names)
+    for n, r in res.items():
+        assert r["tokens_seen"] == summary["results"][0]["tokens_seen"]
+        if n.startswith("topk"):
+            assert r["l0"] <= int(n.split("-k")[1]) + 1e-6
+        assert 0 < r["nmse"] < 1.5
+
+
+def test_dask_groups_equal_a_single_process_run(tiny_cache, tmp_path):
+    cfg, _ = tiny_cache
+    saes = 'train.saes=[{name="a", expansion=2, k=4}, {name="b", architecture="gated", expansion=2, tokenized=true}]'
+    single = _small(tmp_path / "one", cfg, saes, "train.n_epochs=0.5")
+    multi = _small(tmp_path / "two", cfg, saes, "train.n_epochs=0.5", "train.workers=2")
+    train.run(single)
+    summary = train.run(multi)
+    assert summary["groups"] == [["a"], ["b"]]
+    for name in ("a", "b"):
+        a, b = _weights(tmp_path / "one" / "saes" / name), _weights(tmp_path / "two" / "saes" / name)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
+    cfg, _ = tiny_cache
+    c = _small(tmp_path, cfg, "train.ce_eval_seqs=4", "train.ce_every=10", "train.log_every=5",
+               "train.n_epochs=1")
+    summary = train.run(c)
+    for r in summary["results"]:
+        assert r["ce_added"] == r["ce_spliced"] - r["ce_clean"]
+        assert r["ce_zero_ablated"] > r["ce_clean"] - 1.0
+        assert sum(r["l0_hist"]) == r["heldout_tokens"]
+        assert 0 <= r["dense_frac_heldout"] <= 1
+        log = [json.loads(x) for x in open(tmp_path / "saes" / r["name"] / "metrics.jsonl")]
+        assert any("heldout_ce_added" in row for row in log)

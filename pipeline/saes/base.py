@@ -1,18 +1,28 @@
 """Shared SAE skeleton: encode → decode, the tokenized lookup, init, decoder norm, save/load.
 
-Every architecture subclasses :class:`SAE` and implements only :meth:`SAE.activation` (how latents
-``f`` come from pre-activations) and, if it needs one, :meth:`SAE.aux_loss`. Decoding is written once:
+Every architecture subclasses :class:`SAE` and implements only :meth:`SAE.activate` (how latents
+come from pre-activations) and, if it has any, :meth:`SAE.aux_terms` (its sparsity / auxiliary
+losses). Decoding is written once, for every architecture:
 
     x̂ = f · W_dec + b_dec + W_lookup[token]        (Dooms & Wilhelm 2025, Eq. 5; lookup only if tokenized)
 
+so "tokenized" is one option orthogonal to the architecture (paper Sec. 4: σ may be ReLU, TopK,
+gated, JumpReLU or BatchTopK).
+
+Latents come back either dense (``f`` [batch, d_sae]) or, for the TopK family, as a
+:class:`SparseCode` (the non-zeros only). A sparse code is decoded with ``embedding_bag``, so the
+decoder's forward and backward cost O(batch · k · d_model) instead of O(batch · d_sae · d_model)
+(the "sparse decoder" of Gao et al. 2024, Sec. 5.2 / App. D).
+
 Shapes: x [batch, d_model] float; tokens [batch] int64; f [batch, d_sae]; W_enc [d_model, d_sae];
-W_dec [d_sae, d_model]; W_lookup [d_vocab, d_model].
+W_dec [d_sae, d_model]; W_lookup [rows, d_model] (rows = d_vocab, or ``lookup_rows`` + 1 when the
+table is truncated to the most frequent tokens; the extra last row is a fixed zero fallback).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -23,52 +33,155 @@ from torch.nn import functional as F
 
 WEIGHTS_FILE = "sae.safetensors"
 CONFIG_FILE = "cfg.json"
+TRAINING_BUFFERS = ("tokens_since_fired",)
+"""Buffers that only training uses; loading tolerates their absence (older saves, exports)."""
 
 
 @dataclass
 class SAEParams:
-    """Everything needed to rebuild an SAE's tensors; written to ``cfg.json``."""
+    """Everything needed to rebuild an SAE's tensors; written to ``cfg.json``.
+
+    Architecture-specific fields are ignored by architectures that do not use them.
+    """
 
     architecture: str
     d_model: int
     d_sae: int
     k: int = 32
+    """TopK: latents kept per token. BatchTopK / Matryoshka: mean latents per token (batch keeps n·k)."""
     tokenized: bool = False
     d_vocab: int = 0
-    """Rows of the lookup table (tokenized only)."""
+    """Model vocabulary size (tokenized only)."""
+    lookup_rows: int = 0
+    """Tokenized only: 0 = a lookup row for every token; N > 0 = rows for the N most frequent tokens of
+    the cache only, the others fall back to b_dec alone (bounds memory, paper Sec. 4.2)."""
+    sparsity_coeff: float = -1.0
+    """λ of the sparsity penalty: L1 for relu / gated, L0 for jumprelu. Negative: the architecture's default."""
+    aux_k: int = 512
+    """AuxK (TopK family): dead latents used to reconstruct the residual (Gao et al. 2024: 512)."""
+    aux_coeff: float = 1 / 32
+    """AuxK coefficient α (Gao et al. 2024: 1/32). 0 disables AuxK."""
+    dead_after_tokens: int = 10_000_000
+    """A latent that has not fired for this many training tokens is dead (for AuxK and the dead fraction)."""
+    bandwidth: float = 0.001
+    """JumpReLU: width ε of the rectangle kernel of the straight-through estimator (Rajamanoharan 2024b)."""
+    init_threshold: float = 0.001
+    """JumpReLU: initial threshold θ of every latent."""
+    threshold_decay: float = 0.99
+    """BatchTopK: the inference threshold θ is an exponential running mean of each batch's minimum
+    positive kept activation with this decay (first batch: its value)."""
+    prefixes: list[int] = field(default_factory=list)
+    """Matryoshka: ascending nested dictionary sizes, the last = d_sae. Empty: d_sae/16, /8, /4, /2, d_sae."""
     hook: str = ""
     model: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance: cache path, training config, normalisation scale that was folded in."""
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEParams:
+        """Build from a ``cfg.json`` dict; unknown keys raise ValueError naming them."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"cfg.json has unknown SAE fields {unknown}; was it written by a newer tsae?")
+        return cls(**d)
+
+
+class SparseCode(NamedTuple):
+    """The non-zero latents of a batch in CSR form (rows in order).
+
+    vals: [nnz] float (differentiable); idx: int64 [nnz] latent ids; offsets: int64 [batch], the start
+    of each token's entries in vals/idx; batch: number of tokens. Entries may hold zeros.
+    """
+
+    vals: Tensor
+    idx: Tensor
+    offsets: Tensor
+    batch: int
+
+    def rows(self) -> Tensor:
+        """Token index of every entry: int64 [nnz]."""
+        counts = torch.diff(self.offsets, append=self.offsets.new_tensor([self.idx.numel()]))
+        return torch.repeat_interleave(torch.arange(self.batch, device=self.idx.device), counts)
+
+    def dense(self, d_sae: int) -> Tensor:
+        """f [batch, d_sae] (differentiable w.r.t. vals)."""
+        f = self.vals.new_zeros(self.batch, d_sae)
+        return f.index_put((self.rows(), self.idx), self.vals)
+
+    def mask(self, keep: Tensor) -> SparseCode:
+        """The same code with entries where ``keep`` [nnz] bool is False set to 0 (shape kept)."""
+        return self._replace(vals=self.vals * keep)
+
 
 class ForwardOutput(NamedTuple):
-    """One forward pass. x_hat [batch, d_model]; latents [batch, d_sae]; mse and aux_loss 0-d tensors
-    (mse = mean over the batch of ||x - x̂||², summed over d_model)."""
+    """One forward pass.
+
+    x_hat [batch, d_model]; latents: f [batch, d_sae] dense (for sparse-code architectures built from
+    the code, differentiable); mse: 0-d, mean over the batch of ||x - x̂||² summed over d_model;
+    loss: 0-d, what training minimises (mse + the architecture's terms, unless it says otherwise);
+    terms: the architecture's weighted auxiliary terms by name (0-d tensors), for logging.
+    """
 
     x_hat: Tensor
     latents: Tensor
     mse: Tensor
-    aux_loss: Tensor
+    loss: Tensor
+    terms: dict[str, Tensor]
+
+
+def sq_err(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean over the batch of ||x - x̂||² summed over d_model: 0-d float32."""
+    return (x_hat.float() - x.float()).pow(2).sum(-1).mean()
 
 
 class SAE(nn.Module):
-    """Base sparse autoencoder with an optional per-token lookup (tokenized SAE)."""
+    """Base sparse autoencoder with an optional per-token lookup (tokenized SAE).
+
+    Subclasses set ``architecture`` (the registry / ``cfg.json`` name), ``unit_norm_decoder``
+    (decoder rows kept at unit norm with the parallel gradient removed) and
+    ``default_sparsity_coeff``; they implement :meth:`activate` and may implement :meth:`aux_terms`.
+    """
 
     architecture: ClassVar[str] = ""
+    unit_norm_decoder: ClassVar[bool] = True
+    default_sparsity_coeff: ClassVar[float] = 0.0
 
     def __init__(self, params: SAEParams):
         super().__init__()
+        if params.d_model <= 0 or params.d_sae <= 0:
+            raise ValueError(f"need d_model > 0 and d_sae > 0, got {params.d_model}, {params.d_sae}")
         if params.tokenized and params.d_vocab <= 0:
-            raise ValueError("a tokenized SAE needs d_vocab > 0 (rows of the lookup table)")
+            raise ValueError("a tokenized SAE needs d_vocab > 0 (the model's vocabulary size)")
+        if params.lookup_rows < 0 or params.lookup_rows > params.d_vocab and params.tokenized:
+            raise ValueError(f"lookup_rows={params.lookup_rows} must be in [0, d_vocab={params.d_vocab}]")
         self.params = params
         d, m = params.d_model, params.d_sae
         self.W_enc = nn.Parameter(torch.empty(d, m))
         self.b_enc = nn.Parameter(torch.zeros(m))
         self.W_dec = nn.Parameter(torch.empty(m, d))
         self.b_dec = nn.Parameter(torch.zeros(d))
-        self.W_lookup = nn.Parameter(torch.zeros(params.d_vocab, d)) if params.tokenized else None
+        self.W_lookup: nn.Parameter | None = None
+        index = None
+        if params.tokenized:
+            if params.lookup_rows:
+                n = params.lookup_rows
+                self.W_lookup = nn.Parameter(torch.zeros(n + 1, d))
+                index = torch.full((params.d_vocab,), n, dtype=torch.long)
+                index[:n] = torch.arange(n)
+            else:
+                self.W_lookup = nn.Parameter(torch.zeros(params.d_vocab, d))
+        self.register_buffer("lookup_index", index)  # int64 [d_vocab] token → row; None unless truncated
+        self.register_buffer("tokens_since_fired", torch.zeros(m, dtype=torch.long))
+        self.sparsity_scale = 1.0
+        """Multiplies the sparsity penalty; the trainer ramps it from 0 to 1 (sparsity warm-up)."""
         self.reset_parameters()
+
+    @property
+    def sparsity_coeff(self) -> float:
+        """λ in use: ``params.sparsity_coeff`` or the architecture's default when negative."""
+        c = self.params.sparsity_coeff
+        return self.default_sparsity_coeff if c < 0 else c
 
     # -- initialisation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -79,60 +192,144 @@ class SAE(nn.Module):
         self.W_enc.copy_(self.W_dec.T)
 
     @torch.no_grad()
-    def init_from_data(self, x: Tensor, tokens: Tensor, unigram: Tensor | None = None, alpha: float = 0.5) -> None:
+    def init_from_data(self, x: Tensor, tokens: Tensor, unigram: Tensor | None = None, alpha: float = 0.5,
+                       token_counts: Tensor | None = None, b_dec_init: str = "mean") -> None:
         """Data-dependent init on a sample x [n, d_model] with its tokens [n].
 
-        Tokenized (paper Sec. 4.1): W_lookup = alpha * unigram [d_vocab, d_model]; the SAE path is
-        scaled by (1 - alpha) through the encoder (authors' smol-sae). Then
-        b_dec = mean(x - W_lookup[tokens]) — the mean the lookup leaves unexplained (plain: mean(x)).
+        Tokenized (paper Sec. 4.1): W_lookup = alpha * unigram [d_vocab, d_model] (truncated table: the
+        ``lookup_rows`` most frequent tokens by ``token_counts`` [d_vocab], which is then required);
+        the SAE path is scaled by (1 - alpha) through the encoder (authors' smol-sae). Then b_dec is
+        the mean (or, with ``b_dec_init="geometric_median"``, the geometric median, Weiszfeld's
+        algorithm) of x - W_lookup[tokens], the part the lookup leaves unexplained (plain: of x).
+        Raises ValueError on a missing or mis-shaped unigram table / token counts.
         """
+        lookup = 0.0
         if self.W_lookup is not None:
             if unigram is None:
                 raise ValueError("a tokenized SAE needs the unigram table to initialise its lookup")
-            if tuple(unigram.shape) != tuple(self.W_lookup.shape):
-                raise ValueError(f"unigram table shape {tuple(unigram.shape)} != lookup {tuple(self.W_lookup.shape)}")
-            self.W_lookup.copy_(alpha * unigram.to(self.W_lookup))
+            if tuple(unigram.shape) != (self.params.d_vocab, self.params.d_model):
+                raise ValueError(f"unigram table shape {tuple(unigram.shape)} != "
+                                 f"(d_vocab, d_model) = {(self.params.d_vocab, self.params.d_model)}")
+            unigram = unigram.to(self.W_lookup)
+            if self.lookup_index is not None:
+                if token_counts is None or token_counts.numel() != self.params.d_vocab:
+                    raise ValueError("a truncated lookup needs token_counts [d_vocab] to pick its most frequent tokens")
+                n = self.params.lookup_rows
+                top = torch.argsort(token_counts.to("cpu", torch.float64), descending=True, stable=True)[:n]
+                top = top.to(self.lookup_index.device)
+                self.lookup_index.fill_(n)
+                self.lookup_index[top] = torch.arange(n, device=top.device)
+                self.W_lookup.zero_()
+                self.W_lookup[:n] = alpha * unigram[top]
+            else:
+                self.W_lookup.copy_(alpha * unigram)
             self.W_enc.mul_(1.0 - alpha)
-        self.b_dec.copy_((x - self.lookup(tokens)).mean(0) if self.W_lookup is not None else x.mean(0))
+            lookup = self.lookup(tokens).detach()
+        r = x.float() - lookup
+        if b_dec_init == "mean":
+            centre = r.mean(0)
+        elif b_dec_init == "geometric_median":
+            centre = geometric_median(r)
+        else:
+            raise ValueError(f"b_dec_init={b_dec_init!r}: use 'mean' or 'geometric_median'")
+        self.b_dec.copy_(centre)
 
     # -- forward ------------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
         """(x - b_dec) · W_enc + b_enc: [batch, d_sae]."""
         return (x - self.b_dec) @ self.W_enc + self.b_enc
 
-    def activation(self, pre: Tensor) -> Tensor:
-        """Latents f from pre-activations (architecture-specific)."""
+    def activate(self, pre: Tensor) -> Tensor | SparseCode:
+        """Latents from pre-activations [batch, d_sae]: dense f, or a :class:`SparseCode`.
+
+        May depend on ``self.training`` (BatchTopK) and update running state while training.
+        """
         raise NotImplementedError
+
+    def aux_terms(self, x: Tensor, x_hat: Tensor, pre: Tensor, latents: Tensor | SparseCode,
+                  lookup: Tensor | float) -> dict[str, Tensor]:
+        """The architecture's weighted loss terms besides the MSE (sparsity, auxiliary), by name."""
+        return {}
 
     def encode(self, x: Tensor) -> Tensor:
         """Latent activations f [batch, d_sae]; needs no token ids."""
-        return self.activation(self.pre_acts(x))
+        z = self.activate(self.pre_acts(x))
+        return z.dense(self.params.d_sae) if isinstance(z, SparseCode) else z
 
     def lookup(self, tokens: Tensor | None) -> Tensor | float:
-        """W_lookup[tokens] [batch, d_model], or 0 for a plain SAE."""
+        """W_lookup[row(tokens)] [batch, d_model], or 0 for a plain SAE.
+
+        The gradient is sparse (only the rows of this batch's tokens get one; lazy Adam, training.py);
+        a truncated table's fallback row is ``padding_idx`` and never changes.
+        """
         if self.W_lookup is None:
             return 0.0
         if tokens is None:
             raise ValueError("a tokenized SAE needs the token ids to decode")
-        # Sparse gradient: only the rows of this batch's tokens get one (lazy Adam, see training.py).
+        if self.lookup_index is not None:
+            return F.embedding(self.lookup_index[tokens], self.W_lookup, padding_idx=self.params.lookup_rows,
+                               sparse=True)
         return F.embedding(tokens, self.W_lookup, sparse=True)
 
-    def decode(self, f: Tensor, tokens: Tensor | None = None) -> Tensor:
-        """x̂ = f · W_dec + b_dec + W_lookup[tokens]: [batch, d_model]."""
-        return f @ self.W_dec + self.b_dec + self.lookup(tokens)
+    def lookup_table(self) -> Tensor | None:
+        """The per-token bias of every token: [d_vocab, d_model] (zeros for tokens without a row), or None."""
+        if self.W_lookup is None:
+            return None
+        if self.lookup_index is None:
+            return self.W_lookup.detach()
+        return self.W_lookup.detach()[self.lookup_index]
 
-    def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, f: Tensor) -> Tensor:
-        """Architecture-specific auxiliary loss (0 by default)."""
-        return x.new_zeros(())
+    def decode_sae(self, z: Tensor | SparseCode) -> Tensor:
+        """The dictionary part f · W_dec [batch, d_model] (sparse codes through ``embedding_bag``)."""
+        if isinstance(z, SparseCode):
+            return F.embedding_bag(z.idx, self.W_dec, z.offsets, mode="sum",
+                                   per_sample_weights=z.vals.to(self.W_dec.dtype))
+        return z @ self.W_dec
+
+    def decode(self, f: Tensor | SparseCode, tokens: Tensor | None = None) -> Tensor:
+        """x̂ = f · W_dec + b_dec + W_lookup[tokens]: [batch, d_model]."""
+        return self.decode_sae(f) + self.b_dec + self.lookup(tokens)
 
     def forward(self, x: Tensor, tokens: Tensor | None = None) -> ForwardOutput:
+        """Encode, decode, and the training loss of x [batch, d_model] (tokens [batch] if tokenized)."""
         pre = self.pre_acts(x)
-        f = self.activation(pre)
-        x_hat = self.decode(f, tokens)
-        mse = (x_hat - x).pow(2).sum(-1).mean()
-        return ForwardOutput(x_hat, f, mse, self.aux_loss(x, x_hat, pre, f))
+        z = self.activate(pre)
+        lookup = self.lookup(tokens)
+        x_hat = self.decode_sae(z) + self.b_dec + lookup
+        mse = sq_err(x, x_hat)
+        terms = self.aux_terms(x, x_hat, pre, z, lookup)
+        f = z.dense(self.params.d_sae) if isinstance(z, SparseCode) else z
+        if self.training:
+            self.update_firing(f)
+        return ForwardOutput(x_hat, f, mse, self.total_loss(mse, terms), terms)
+
+    def total_loss(self, mse: Tensor, terms: dict[str, Tensor]) -> Tensor:
+        """What training minimises: mse + Σ terms."""
+        return mse + sum(terms.values()) if terms else mse
+
+    @torch.no_grad()
+    def update_firing(self, f: Tensor) -> None:
+        """Advance the tokens-since-fired counter by the batch and reset it for latents that fired."""
+        self.tokens_since_fired += f.shape[0]
+        self.tokens_since_fired[(f != 0).any(0)] = 0
+
+    def dead_mask(self) -> Tensor:
+        """bool [d_sae]: latents silent for more than ``params.dead_after_tokens`` training tokens."""
+        return self.tokens_since_fired > self.params.dead_after_tokens
 
     # -- constraints --------------------------------------------------------------------------
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each unit-norm decoder row (if the method keeps them)."""
+        if self.unit_norm_decoder:
+            self.remove_parallel_grads()
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Restore unit-norm decoder rows (if the method keeps them)."""
+        if self.unit_norm_decoder:
+            self.normalize_decoder()
+
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Rescale decoder rows to unit norm (Gao et al. 2024 / Bricken et al. 2023)."""
@@ -150,7 +347,8 @@ class SAE(nn.Module):
     def fold_input_scale(self, c: float) -> None:
         """Fold an input scaling x_n = c·x used in training into the weights, so the saved SAE takes raw x.
 
-        f is unchanged: W_enc ← c·W_enc, b_dec ← b_dec/c, W_dec ← W_dec/c, W_lookup ← W_lookup/c.
+        Pre-activations (so latents, thresholds and gates) are unchanged: W_enc ← c·W_enc,
+        b_dec ← b_dec/c; the reconstruction is divided by c: W_dec ← W_dec/c, W_lookup ← W_lookup/c.
         """
         self.W_enc.mul_(c)
         self.b_dec.div_(c)
@@ -163,16 +361,36 @@ class SAE(nn.Module):
         """Write ``sae.safetensors`` + ``cfg.json`` to ``folder`` (created)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
+                   for k, v in self.state_dict().items()}
         save_file(tensors, folder / WEIGHTS_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.params), indent=2))
         return folder
 
 
+@torch.no_grad()
+def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
+    """Geometric median of points x [n, d] (Weiszfeld's algorithm): float32 [d].
+
+    Minimises Σ ||x_i - m||; used to initialise b_dec (Bricken et al. 2023). Starts at the mean and
+    stops when the update moves less than ``eps`` relative to the median's norm.
+    """
+    x = x.float()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-8)
+        new = (w[:, None] * x).sum(0) / w.sum()
+        done = (new - m).norm() <= eps * new.norm().clamp_min(1e-8)
+        m = new
+        if done:
+            break
+    return m
+
+
 def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     """Load an SAE saved by :meth:`SAE.save`; dispatches on ``cfg.json``'s ``architecture``.
 
-    Raises FileNotFoundError (missing files) or ValueError (unknown architecture).
+    Raises FileNotFoundError (missing files) or ValueError (unknown architecture or fields).
     """
     from pipeline.saes.registry import ARCHITECTURES
 
@@ -180,9 +398,13 @@ def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
     cfg_path = folder / CONFIG_FILE
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not a saved tsae SAE")
-    params = SAEParams(**json.loads(cfg_path.read_text()))
+    params = SAEParams.from_dict(json.loads(cfg_path.read_text()))
     if params.architecture not in ARCHITECTURES:
         raise ValueError(f"{folder}: unknown architecture {params.architecture!r}; known: {sorted(ARCHITECTURES)}")
     sae = ARCHITECTURES[params.architecture](params)
-    sae.load_state_dict(load_file(folder / WEIGHTS_FILE))
+    state = load_file(folder / WEIGHTS_FILE)
+    missing, unexpected = sae.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in TRAINING_BUFFERS]
+    if missing or unexpected:
+        raise ValueError(f"{folder / WEIGHTS_FILE}: missing tensors {missing}, unexpected {unexpected}")
     return sae.to(device).eval()
