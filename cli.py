@@ -109,14 +109,16 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
 @main.command()
 @config_arg
 @set_option
+@click.option("--scheduler", default="", metavar="ADDRESS",
+              help="Run the token-level statistics on this dask.distributed scheduler (default: local).")
 @_guard
-def analyze(config: str, overrides: tuple[str, ...]) -> None:
-    """n-gram statistics, MSE by token frequency and unigram feature counts, with plots."""
+def analyze(config: str, overrides: tuple[str, ...], scheduler: str) -> None:
+    """Every analysis of the papers over the cache and the trained SAEs → report.md / report.html."""
     from stages import analyze as stage
 
     cfg = _load(config, overrides)
-    s = stage.run(cfg)
-    click.echo(f"analysis: {s['out_dir']} (summary: {s['summary']})")
+    s = stage.run(cfg, scheduler=scheduler or None)
+    click.echo(f"analysis: {s['out_dir']} (report: {s['report']}, {s['report_html']})")
 
 
 @main.command()
@@ -143,7 +145,7 @@ def run(config: str, overrides: tuple[str, ...]) -> None:
     click.echo("")
     click.echo(f"cache:    {h['path']}  ({h['tokens']:,} tokens; harvest {h['tokens_per_s']:,.0f} tokens/s)")
     click.echo(f"SAEs:     {tr['out_dir']}")
-    click.echo(f"analysis: {an['out_dir']}  (summary: {an['summary']})")
+    click.echo(f"analysis: {an['out_dir']}  (report: {an['report']}, {an['report_html']})")
     click.echo("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     click.echo("")
     click.echo(train.format_table(tr["results"], an.get("unigram_fraction")))

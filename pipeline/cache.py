@@ -27,7 +27,7 @@ import socket
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,9 @@ STALE_LOCK_SECONDS = 600
 FLOAT16_MAX = float(np.finfo(np.float16).max)
 # Activation dtype → Zarr storage dtype. bfloat16 has no numpy dtype: its bits are stored as uint16.
 STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}
-CHUNK_BYTES = 4 << 20
+# Activation bytes per chunk: chosen by measurement (benchmarks/reader.py --chunk-sweep; README "Benchmarks"):
+# shuffled reads pay Zarr's per-chunk overhead (~0.5 ms a chunk) and run 1.4x faster at 16 MiB than at 4 MiB.
+CHUNK_BYTES = 16 << 20
 # Everything that determines a cache's contents except its hooks and length: hashed into the fingerprint.
 FINGERPRINT_FIELDS = ("format_version", "model", "model_weights", "tokenizer", "model_dtype", "dataset",
                       "context_size", "prepend_bos", "bos_token_id", "sep_token_id", "dtype")
@@ -70,12 +72,27 @@ def to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
 
 
 def codec() -> BloscCodec:
-    """Compression for activation and token chunks: Blosc zstd level 1 with byte shuffle."""
+    """Compression for activation chunks (and unigram tables): Blosc lz4 level 5 with bit shuffle.
+
+    Chosen by measurement (``benchmarks/reader.py``; README "Benchmarks"): on SmolLM2 activations it
+    stores float32 as small as zstd does (1.08x) and bfloat16 at 1.17x (zstd: 1.26x) and decodes 2-3x
+    faster than Blosc zstd (the shuffled reader: 2.1x); float16 activations are incompressible by fast
+    codecs (zstd gets 1.07x at a third of the read speed), so Blosc stores them as they are. Training
+    rereads the cache every epoch, so read speed comes first. Caches written with another codec stay
+    readable: Zarr records the codec of each array.
+    """
+    return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
+
+
+def tokens_codec() -> BloscCodec:
+    """Compression for the ``tokens`` array: Blosc zstd level 1 with byte shuffle (int32 ids: ~3x; 4 bytes a
+    token, so its read speed does not matter next to the activations)."""
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
 
 
 def auto_seq_chunk(context_size: int, d_model: int, itemsize: int, n_seq_target: int) -> int:
-    """Sequences per chunk: about 4 MiB of activations, and at least 16 chunks for small caches."""
+    """Sequences per chunk: about :data:`CHUNK_BYTES` (16 MiB) of activations, and at least 16 chunks for small
+    caches."""
     by_bytes = max(1, CHUNK_BYTES // (context_size * d_model * itemsize))
     return max(1, min(by_bytes, math.ceil(n_seq_target / 16)))
 
@@ -265,7 +282,7 @@ class CacheWriter:
         m = self.meta
         n, ctx, d = m["n_seq_target"], m["context_size"], m["d_model"]
         ch = m["seq_chunk"]
-        self.group.create_array("tokens", shape=(n, ctx), chunks=(ch, ctx), dtype="int32", compressors=codec(),
+        self.group.create_array("tokens", shape=(n, ctx), chunks=(ch, ctx), dtype="int32", compressors=tokens_codec(),
                                 fill_value=0, overwrite=True)
         for h in m["hooks"]:
             self.group.create_array(f"acts/{h}", shape=(n, ctx, d), chunks=(ch, ctx, d),
@@ -449,6 +466,7 @@ class Cache:
     path: str
     group: zarr.Group
     meta: dict[str, Any]
+    _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(cls, path: str) -> Cache:
@@ -469,6 +487,15 @@ class Cache:
         """Re-read the attributes (``n_seq`` grows while a harvest is writing)."""
         self.group = zarr.open_group(store_path(self.path), mode="r")
         self.meta = dict(self.group.attrs[ATTR])
+        self._arrays.clear()
+
+    def array(self, name: str) -> zarr.Array:
+        """The Zarr array ``name`` (e.g. ``tokens``, ``acts/<hook>``), opened once per :meth:`refresh` (opening
+        reads its metadata from the store: a file or a request per call otherwise)."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+        return arr
 
     @property
     def n_seq(self) -> int:
@@ -496,7 +523,7 @@ class Cache:
     def tokens(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """int32 [rows, context_size] for rows ``start:stop`` (clipped to ``n_seq``)."""
         stop = self.n_seq if stop is None else min(stop, self.n_seq)
-        return self.group["tokens"][start:stop]
+        return self.array("tokens")[start:stop]
 
     @property
     def dtype(self) -> str:
@@ -506,18 +533,24 @@ class Cache:
     def acts(self, hook: str, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Activations [rows, context_size, d_model] as stored (uint16 bits for bfloat16) for rows ``start:stop``."""
         stop = self.n_seq if stop is None else min(stop, self.n_seq)
-        return self.group[f"acts/{hook}"][start:stop]
+        return self.array(f"acts/{hook}")[start:stop]
 
     def acts_torch(self, hook: str, start: int = 0, stop: int | None = None,
                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Activations [rows, context_size, d_model] as a torch tensor in ``dtype`` (lossless for the cache dtype)."""
         return to_torch(self.acts(hook, start, stop), self.dtype).to(dtype)
 
-    def tokens_array(self) -> Any:
-        """The ``tokens`` Zarr array limited to valid rows, as a dask array (for bounded-memory stats)."""
+    def tokens_array(self, block_tokens: int = 1 << 21) -> Any:
+        """The ``tokens`` Zarr array limited to valid rows, as a dask array (for bounded-memory stats).
+
+        Its dask chunks hold about ``block_tokens`` tokens (whole Zarr chunks, at least one): each task
+        reads many small stored chunks at once instead of one task per stored chunk.
+        """
         import dask.array as da
 
-        arr = da.from_zarr(self.group["tokens"])
+        ch = self.seq_chunk
+        rows = max(ch, block_tokens // max(1, self.context_size) // ch * ch)
+        arr = da.from_zarr(self.array("tokens"), chunks=(rows, self.context_size))
         return arr[: self.n_seq]
 
     def unigram(self, hook: str) -> torch.Tensor:

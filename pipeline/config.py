@@ -276,7 +276,9 @@ class TrainConfig:
             s.validate(f"train.saes.{i}")
 
 
-ANALYSES = ("ngrams", "mse_by_freq", "unigram_features")
+ANALYSES = ("ngrams", "mse_by_freq", "unigram_features", "dead_cosine", "unigram_cosine", "suffix_length",
+            "final_token", "frontiers", "matching", "positions", "stitching", "meta_sae", "browser")
+"""Every analysis, in report order (stages/analyze.py SECTIONS)."""
 
 
 @dataclass
@@ -295,14 +297,47 @@ class AnalyzeConfig:
     eval_tokens: int = 50_000
     """Held-out tokens encoded for the per-token analyses."""
     device: str = "auto"
+    scheduler: str = ""
+    """dask.distributed scheduler address for the token-level statistics (empty: local scheduler);
+    ``cli.py analyze --scheduler ADDRESS`` sets it."""
+    matching_threshold: float = 0.7
+    """Decoder-cosine threshold of a "matched" latent (feature-matching ratio)."""
+    stitching_threshold: float = 0.7
+    """Decoder-cosine threshold separating novel from reconstruction latents (stitching paper: 0.7 for GPT-2)."""
+    stitching_tokens: int = 8192
+    """Held-out tokens on which stitched reconstructions are measured (memory ≈ 4 · tokens · d_model float64)."""
+    meta_sae_latents: int = 0
+    """Meta-SAE dictionary size; 0 = d_sae / 16 of the SAE it decomposes."""
+    meta_sae_k: int = 4
+    """Meta-latents per decoder row (BatchTopK k; paper: ~4)."""
+    meta_sae_epochs: int = 200
+    """Passes over the decoder rows (paper: 2000 on GPU)."""
+    suffix_latents: int = 32
+    """Latents per SAE whose minimal suffix length is measured (each needs up to max_suffix_len LM forwards)."""
+    max_suffix_len: int = 16
+    final_token_samples: int = 2000
+    """Held-out residuals compared with every unigram activation (final-token subspace; ~3.5 ms each on CPU)."""
+    position_seqs: int = 256
+    """Held-out sequences streamed for activation-by-position statistics."""
+    browser_latents: int = 48
+    """Latents per SAE in the feature browser."""
+    browser_examples: int = 10
+    """Top-activating examples per latent in the feature browser."""
 
     def validate(self) -> None:
         bad = [a for a in self.analyses if a not in ANALYSES]
         if bad:
             raise ConfigError(f"analyze.analyses has unknown entries {bad}; available: {list(ANALYSES)}")
-        _positive(self, "top_n", "n_freq_bins", "eval_tokens")
+        _positive(self, "top_n", "n_freq_bins", "eval_tokens", "meta_sae_k", "meta_sae_epochs", "suffix_latents",
+                  "max_suffix_len", "final_token_samples", "position_seqs", "browser_latents", "browser_examples",
+                  "stitching_tokens")
+        if self.meta_sae_latents < 0:
+            raise ConfigError("analyze.meta_sae_latents must be ≥ 0 (0 = d_sae / 16)")
         if not 0.0 <= self.unigram_threshold < 1.0:
             raise ConfigError("analyze.unigram_threshold must be in [0, 1)")
+        for key in ("matching_threshold", "stitching_threshold"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"analyze.{key} must be in (0, 1) (a decoder cosine)")
 
 
 @dataclass

@@ -2,20 +2,32 @@
 
 Sequences are grouped into the cache's Zarr chunks along ``n_seq``. A seeded split sends whole
 chunks to a training or a held-out set. Each epoch reads the training chunks in a fresh random
-order (prefetched on background threads), pours their tokens into an in-memory buffer of
-``buffer_tokens``, shuffles it, and hands out batches until it is half empty, then refills. Every
-training token (BOS positions excluded by default) is yielded exactly once per epoch, with its own
-token id.
+order, ``prefetch`` chunks ahead on background threads, each decompressed straight into a slot of
+a preallocated window. The window mixes the K most recently read chunks, K = ``buffer_tokens`` /
+(tokens per chunk), rounded down, at least 1, so it holds about ``buffer_tokens`` tokens: each
+chunk's tokens are permuted and split into K equal parts, and part s leaves the window in the
+block of the s-th chunk read after it. Each block (about one chunk of tokens, drawn evenly from K
+chunks) is permuted again and cut into batches. The first block of an epoch holds everything due
+before the window is full, the last one everything still in it, so no batch comes from few chunks.
+Every training token (BOS positions excluded by default) is yielded exactly once per epoch, with
+its own token id; the order is a function of ``seed`` and the epoch number.
+
+Cost: activations are copied once after decompression (gathered from the window into their batch)
+and converted to the requested dtype per batch, on the iterating thread; decompression runs on the
+read-ahead threads. Nothing here starts torch's OpenMP threads (see :func:`_cast`): on a small
+machine they would stall the training step and the decompression threads alike.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.cache import Cache, CacheError, to_torch
 
@@ -57,21 +69,33 @@ def read_chunk(cache: Cache, hook: str, chunk: int, exclude_bos: bool) -> tuple[
 
     With ``exclude_bos`` and a cache written with ``prepend_bos``, position 0 of each sequence is dropped.
     """
+    acts, toks = _read_rows(cache, cache.array(f"acts/{hook}"), cache.array("tokens"), chunk, exclude_bos)
+    return to_torch(acts, cache.dtype), torch.from_numpy(toks)
+
+
+def _read_rows(cache: Cache, acts_arr, tokens_arr, chunk: int, exclude_bos: bool) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`read_chunk` as numpy (activations in the storage dtype) with the Zarr arrays already opened."""
     start, stop = chunk_rows(cache, chunk)
-    acts = cache.group[f"acts/{hook}"][start:stop]
-    toks = cache.group["tokens"][start:stop]
+    acts = acts_arr[start:stop]
+    toks = tokens_arr[start:stop]
     if exclude_bos and cache.meta["prepend_bos"]:
         acts, toks = acts[:, 1:], toks[:, 1:]
-    acts = to_torch(acts.reshape(-1, acts.shape[-1]), cache.dtype)
-    return acts, torch.from_numpy(toks.reshape(-1).astype(np.int64))
+    return np.ascontiguousarray(acts.reshape(-1, acts.shape[-1])), toks.reshape(-1).astype(np.int64)
+
+
+TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+READ_THREADS = 2
+_PROTO = default_buffer_prototype()
 
 
 class ActivationReader:
     """Iterate shuffled batches over ``chunks`` of ``cache`` at ``hook``; one pass = one epoch.
 
-    batch_size: tokens per batch. buffer_tokens: shuffle-buffer size in tokens. drop_last: drop the
-    final partial batch of an epoch. dtype/device: of the returned activations. ``epoch`` selects
-    the chunk order and shuffles (seeded by ``seed`` and ``epoch``); it increments after each pass.
+    batch_size: tokens per batch. buffer_tokens: shuffle-window size in tokens (whole chunks, at
+    least one). drop_last: drop the final partial batch of an epoch. dtype/device: of the returned
+    activations (on CUDA, batches are gathered into pinned memory and copied with
+    ``non_blocking``). ``epoch`` selects the chunk order and shuffles (seeded by ``seed`` and
+    ``epoch``); it increments after each pass. prefetch: chunks read ahead on background threads.
     """
 
     def __init__(self, cache: Cache, hook: str, chunks: list[int], batch_size: int = 4096,
@@ -84,61 +108,166 @@ class ActivationReader:
         self.batch_size, self.buffer_tokens = batch_size, buffer_tokens
         self.exclude_bos, self.seed, self.dtype = exclude_bos, seed, dtype
         self.device = torch.device(device)
-        self.drop_last, self.prefetch = drop_last, prefetch
+        self.drop_last, self.prefetch = drop_last, max(1, prefetch)
         self.epoch = 0
+        self._kept_slab: np.ndarray | None = None
+
+    @property
+    def _first(self) -> int:
+        """Positions skipped at the start of each sequence: 1 for BOS when excluded, else 0."""
+        return 1 if self.exclude_bos and self.cache.meta["prepend_bos"] else 0
 
     @property
     def tokens_per_epoch(self) -> int:
-        per_seq = self.cache.context_size - (1 if self.exclude_bos and self.cache.meta["prepend_bos"] else 0)
+        per_seq = self.cache.context_size - self._first
         return sum(per_seq * (b - a) for a, b in (chunk_rows(self.cache, c) for c in self.chunks))
 
     def batches_per_epoch(self) -> int:
         n = self.tokens_per_epoch
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def _to_batch(self, acts: torch.Tensor, toks: torch.Tensor) -> Batch:
-        pin = self.device.type == "cuda"
-        if pin:
-            acts, toks = acts.pin_memory(), toks.pin_memory()
-        return Batch(acts.to(self.device, non_blocking=pin).to(self.dtype), toks.to(self.device, non_blocking=pin))
+    def window_chunks(self) -> int:
+        """K: how many chunks the shuffle window mixes (``buffer_tokens`` / tokens per chunk, at least 1)."""
+        per_chunk = self.cache.seq_chunk * (self.cache.context_size - self._first)
+        return max(1, self.buffer_tokens // max(1, per_chunk))
 
     def __iter__(self) -> Iterator[Batch]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
         order = [self.chunks[i] for i in rng.permutation(len(self.chunks))]
         self.epoch += 1
-        buf_a: list[torch.Tensor] = []
-        buf_t: list[torch.Tensor] = []
-        n_buf = 0
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="tsae-reader") as pool:
-            pending = [pool.submit(read_chunk, self.cache, self.hook, c, self.exclude_bos)
-                       for c in order[: self.prefetch]]
-            nxt = len(pending)
-            while pending:
-                a, t = pending.pop(0).result()
-                if nxt < len(order):
-                    pending.append(pool.submit(read_chunk, self.cache, self.hook, order[nxt], self.exclude_bos))
-                    nxt += 1
-                buf_a.append(a)
-                buf_t.append(t)
-                n_buf += len(t)
-                if n_buf >= self.buffer_tokens:
-                    acts, toks = torch.cat(buf_a), torch.cat(buf_t)
-                    perm = torch.randperm(n_buf, generator=gen)
-                    acts, toks = acts[perm], toks[perm]
-                    keep = self.buffer_tokens // 2
-                    n_out = (n_buf - keep) // self.batch_size * self.batch_size
-                    for s in range(0, n_out, self.batch_size):
-                        yield self._to_batch(acts[s:s + self.batch_size], toks[s:s + self.batch_size])
-                    buf_a, buf_t, n_buf = [acts[n_out:]], [toks[n_out:]], n_buf - n_out
-        if n_buf:
-            acts, toks = torch.cat(buf_a), torch.cat(buf_t)
-            perm = torch.randperm(n_buf, generator=gen)
-            acts, toks = acts[perm], toks[perm]
-            for s in range(0, n_buf, self.batch_size):
-                if self.drop_last and s + self.batch_size > n_buf:
-                    break
-                yield self._to_batch(acts[s:s + self.batch_size], toks[s:s + self.batch_size])
+        order = [c for c in order if chunk_rows(self.cache, c)[1] > chunk_rows(self.cache, c)[0]]
+        if order:
+            yield from self._epoch(order, rng)
+
+    def _epoch(self, order: list[int], rng: np.random.Generator) -> Iterator[Batch]:
+        """The batches of one epoch over the chunks ``order`` (in that order), shuffled with ``rng``."""
+        cache, bs, n = self.cache, self.batch_size, len(order)
+        acts_arr, tokens_arr = cache.array(f"acts/{self.hook}"), cache.array("tokens")
+        ctx, sc, first = cache.context_size, cache.seq_chunk, self._first
+        per_chunk = max(1, sc * (ctx - first))
+        k = self.window_chunks()
+        # Slots: the K chunks of the window, those read ahead, and those whose last tokens still wait in
+        # the queue of the next batch (under one batch: a few blocks of at least (K-1)/K of a chunk each).
+        min_block = per_chunk if k == 1 else max(1, (k - 1) * (per_chunk // k))
+        n_slots = min(n, k + self.prefetch + 2 + -(-bs // min_block))
+        slab = self._slab((n_slots, sc, ctx, acts_arr.shape[2]), acts_arr.dtype)
+        word = _word_dtype(slab.shape[-1] * slab.itemsize)
+        rows = slab.view(word).reshape(n_slots * sc * ctx, -1)  # one row per token, any slot
+        slab_tokens = np.empty((n_slots, sc * ctx), dtype=np.int64)
+        token_rows = slab_tokens.reshape(-1)
+        keep = (np.arange(sc)[:, None] * ctx + np.arange(first, ctx)[None, :]).ravel()  # offsets in a slot
+
+        def read(j: int) -> int:  # on a read-ahead thread: chunk order[j] into its slot; returns its sequences
+            slot, (a, b) = j % n_slots, chunk_rows(cache, order[j])
+            acts_arr.get_basic_selection(slice(a, b), out=_PROTO.nd_buffer.from_numpy_array(slab[slot, :b - a]))
+            slab_tokens[slot, :(b - a) * ctx] = tokens_arr[a:b].reshape(-1)
+            return b - a
+
+        def block_of(j: int, part: int) -> int:  # the block in which part ``part`` of chunk j leaves the window
+            return min(n - 1, max(k - 1, j + part))
+
+        parts: dict[int, list[np.ndarray]] = {}  # block -> token rows due in it
+        queue: deque[np.ndarray] = deque()  # token rows of finished blocks, in output order
+        queued = taken = 0  # tokens ever queued / ever gathered into batches
+        free_at = [0] * n_slots  # a slot may be overwritten once ``taken`` reaches this (-1: not yet known)
+        release: dict[int, list[int]] = {}  # block -> slots whose chunk's last tokens are in it
+        pin = self.device.type == "cuda"
+        # On the CPU, a batch converted to another dtype is a new tensor: the gather can reuse one buffer.
+        scratch = (torch.empty((bs, rows.shape[1]), dtype=_TORCH_WORDS[word])
+                   if not pin and self.dtype != TORCH_DTYPES[cache.dtype] else None)
+        with ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="tsae-reader") as pool:
+            pending: deque = deque()
+            try:
+                for j in range(n):
+                    while len(pending) < self.prefetch and j + len(pending) < n:
+                        nxt = j + len(pending)
+                        if free_at[nxt % n_slots] < 0 or taken < free_at[nxt % n_slots]:
+                            raise RuntimeError("internal error: shuffle-window slot reused too early")
+                        free_at[nxt % n_slots] = -1
+                        pending.append(pool.submit(read, nxt))
+                    n_rows = pending.popleft().result()
+                    tok = (j % n_slots) * sc * ctx + keep[: n_rows * (ctx - first)]
+                    tok = tok[rng.permutation(len(tok))]
+                    for part in range(k):
+                        chunk_part = tok[part * len(tok) // k:(part + 1) * len(tok) // k]
+                        if len(chunk_part):
+                            parts.setdefault(block_of(j, part), []).append(chunk_part)
+                    release.setdefault(block_of(j, k - 1), []).append(j % n_slots)
+                    if j not in parts and j not in release:
+                        continue
+                    block = np.concatenate(parts.pop(j, []) or [np.empty(0, np.int64)])
+                    queue.append(block[rng.permutation(len(block))])
+                    queued += len(block)
+                    for slot in release.pop(j, []):
+                        free_at[slot] = queued
+                    while queued - taken >= bs or (j == n - 1 and queued > taken and not self.drop_last):
+                        idx = _pop(queue, min(bs, queued - taken))
+                        acts = (scratch[:len(idx)] if scratch is not None else
+                                torch.empty((len(idx), rows.shape[1]), dtype=_TORCH_WORDS[word], pin_memory=pin))
+                        toks = torch.empty(len(idx), dtype=torch.int64, pin_memory=pin)
+                        np.take(rows, idx, axis=0, out=acts.numpy(), mode="clip")  # "raise" would buffer `out`
+                        np.take(token_rows, idx, out=toks.numpy(), mode="clip")
+                        taken += len(idx)
+                        yield self._to_batch(acts.view(TORCH_DTYPES[cache.dtype]), toks)
+            finally:  # an abandoned epoch: do not start the reads still queued
+                for f in pending:
+                    f.cancel()
+        self._kept_slab = slab
+
+    def _slab(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """The window's memory: kept from the previous epoch when it fits (its pages are already mapped)."""
+        slab, self._kept_slab = self._kept_slab, None  # an interleaved second iterator gets its own
+        if slab is None or slab.shape != shape or slab.dtype != dtype:
+            slab = np.empty(shape, dtype=dtype)
+        return slab
+
+    def _to_batch(self, acts: torch.Tensor, toks: torch.Tensor) -> Batch:
+        """A batch from freshly gathered host tensors (pinned when the device is CUDA)."""
+        if self.device.type == "cuda":
+            return Batch(acts.to(self.device, non_blocking=True).to(self.dtype),
+                         toks.to(self.device, non_blocking=True))
+        return Batch(_cast(acts, self.dtype).to(self.device), toks.to(self.device))
+
+
+def _pop(queue: deque[np.ndarray], n: int) -> np.ndarray:
+    """The first ``n`` entries of the concatenation of ``queue``'s arrays, removed from it."""
+    out = []
+    while n:
+        head = queue[0]
+        if len(head) <= n:
+            out.append(queue.popleft())
+            n -= len(head)
+        else:
+            out.append(head[:n])
+            queue[0] = head[n:]
+            n = 0
+    return out[0] if len(out) == 1 else np.concatenate(out)
+
+
+# Below this many elements a torch CPU op runs on the calling thread (at::internal::GRAIN_SIZE); above, it starts
+# an OpenMP team whose threads spin after each op, which costs a small machine more than the op itself.
+_GRAIN = 32_768
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` [n, d] (CPU) in ``dtype`` (``x`` itself if it has it), converted in row slices of under ``_GRAIN``
+    elements."""
+    if x.dtype == dtype:
+        return x
+    out = torch.empty(x.shape, dtype=dtype)
+    step = max(1, (_GRAIN - 1) // max(1, x.shape[1]))
+    for s in range(0, len(x), step):
+        out[s:s + step].copy_(x[s:s + step])
+    return out
+
+
+_TORCH_WORDS = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.int16): torch.int16}
+
+
+def _word_dtype(row_bytes: int) -> np.dtype:
+    """Widest integer dtype (8, 4 or 2 bytes) whose size divides ``row_bytes``: the gather moves whole rows as
+    these words (numpy copies rows of 8-byte words far faster than rows of 2-byte floats)."""
+    return next(np.dtype(dt) for dt in (np.int64, np.int32, np.int16) if row_bytes % np.dtype(dt).itemsize == 0)
 
 
 def load_tokens(cache: Cache, hook: str, chunks: list[int], max_tokens: int, exclude_bos: bool = True,

@@ -1,25 +1,37 @@
-"""Analyze stage: n-gram statistics, MSE by token frequency, unigram feature counts → JSON/CSV/PNG/markdown."""
+"""Analyze stage: every analysis of the three papers over a cache and the SAEs trained on it → one report.
+
+Each analysis is one function ``section_<key>(ctx) -> Section`` registered in :data:`SECTIONS`; it
+reads what it needs from the shared :class:`Context` (cache, SAEs, held-out tokens and their
+per-token errors, computed once) and returns its tables, figures (each with a one-line caption) and
+machine-readable results. ``analyze.analyses`` selects and orders them. Outputs:
+``<analyze.out_dir>/{report.md, report.html, results.json, *.csv, *.png, browser/}``.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import click
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from pipeline.analysis import plots
-from pipeline.analysis.ngrams import count_ngrams, top_table, unigram_counts
-from pipeline.analysis.reconstruction import by_frequency, frequency_bins, token_errors
-from pipeline.analysis.unigram_features import unigram_feature_counts
+from pipeline.analysis.report import Figure, Section, Table, write_report
 from pipeline.cache import Cache
-from stages import resolve_cache
 from pipeline.config import Config
 from pipeline.models import load_tokenizer, resolve_device
 from pipeline.reader import load_tokens, split_chunks
-from pipeline.saes import load_sae
+from pipeline.saes import SAE, load_sae
+from stages import resolve_cache
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -31,21 +43,672 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
-def _md_cell(text: str) -> str:
-    """Make text safe inside a markdown table cell."""
-    return text.replace("|", "\\|").replace("`", "'").replace("\n", " ")
-
-
 def find_saes(out_dir: str | Path) -> list[Path]:
     """Folders under ``out_dir`` that hold a saved SAE (``cfg.json``), sorted by name."""
     return sorted(p.parent for p in Path(out_dir).glob("*/cfg.json"))
 
 
-def run(cfg: Config) -> dict:
+@dataclass
+class Context:
+    """What every analysis may use; expensive parts are computed on first use and shared."""
+
+    cfg: Config
+    cache: Cache
+    hook: str
+    out: Path
+    device: torch.device
+    saes: dict[str, SAE]
+    evals: dict[str, dict]
+    logs: dict[str, list[dict]]
+    sae_dirs: dict[str, Path]
+    scheduler: str | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @cached_property
+    def tokenizer(self):
+        return load_tokenizer(self.cache.meta["model"])
+
+    def decode(self, t: int) -> str:
+        return self.tokenizer.decode([int(t)])
+
+    @cached_property
+    def d_vocab(self) -> int:
+        return int(self.cache.meta["d_vocab"])
+
+    @cached_property
+    def tokens(self):
+        """The cache's tokens as a dask array [n_seq, ctx] (never loaded whole)."""
+        return self.cache.tokens_array()
+
+    @cached_property
+    def unigram_counts(self) -> np.ndarray:
+        """int64 [d_vocab]: each token's count in the cache."""
+        from pipeline.analysis.ngrams import unigram_counts
+
+        return unigram_counts(self.tokens, self.d_vocab, scheduler=self.scheduler)
+
+    def ngrams(self, n: int):
+        """:class:`pipeline.analysis.ngrams.NgramCounts` of the cache (cached per n)."""
+        from pipeline.analysis.ngrams import count_ngrams
+
+        key = f"_ngrams{n}"
+        if key not in self.__dict__:
+            self.__dict__[key] = count_ngrams(self.tokens, n, self.d_vocab, scheduler=self.scheduler)
+        return self.__dict__[key]
+
+    @cached_property
+    def held_chunks(self) -> list[int]:
+        """The held-out chunks training used (from the first SAE's provenance, else the configured split)."""
+        for s in self.saes.values():
+            if s.params.extra.get("heldout_chunks"):
+                return list(s.params.extra["heldout_chunks"])
+        return split_chunks(self.cache, self.cfg.train.holdout_frac, self.cfg.train.seed)[1]
+
+    @cached_property
+    def heldout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x [n, d_model] float32, tokens int64 [n]) : up to ``analyze.eval_tokens`` held-out tokens."""
+        return load_tokens(self.cache, self.hook, self.held_chunks, self.cfg.analyze.eval_tokens,
+                           self.cfg.train.exclude_bos, device=self.device)
+
+    @cached_property
+    def heldout_prev(self) -> np.ndarray:
+        """int64 [n]: the token before each held-out token (same order as :attr:`heldout`)."""
+        from pipeline.reader import chunk_rows
+
+        drop = 1 if self.cfg.train.exclude_bos and self.cache.meta["prepend_bos"] else 0
+        prev, n = [], len(self.heldout[1])
+        got = 0
+        for c in self.held_chunks:
+            a, b = chunk_rows(self.cache, c)
+            if b <= a:
+                continue
+            toks = self.cache.tokens(a, b).astype(np.int64)
+            p = np.concatenate([np.full((len(toks), 1), -1), toks[:, :-1]], axis=1)[:, drop:]
+            prev.append(p.reshape(-1))
+            got += p.size
+            if got >= n:
+                break
+        return np.concatenate(prev)[:n]
+
+    @cached_property
+    def var_per_token(self) -> float:
+        x = self.heldout[0]
+        return float((x - x.mean(0)).pow(2).sum(-1).mean())
+
+    @cached_property
+    def errors(self) -> dict:
+        """{name: :class:`pipeline.analysis.reconstruction.TokenErrors`} on the held-out tokens."""
+        from pipeline.analysis.reconstruction import token_errors
+
+        x, t = self.heldout
+        return {n: token_errors(s, x, t) for n, s in tqdm(self.saes.items(), desc="encode held-out", leave=False)}
+
+    @cached_property
+    def unigram(self) -> torch.Tensor:
+        return self.cache.unigram(self.hook)
+
+    @cached_property
+    def top(self) -> dict:
+        """{name: :class:`pipeline.analysis.features.TopActivations`} on the held-out tokens."""
+        from pipeline.analysis.features import top_activations
+
+        return {n: top_activations(s, self.heldout[0]) for n, s in self.saes.items()}
+
+    @cached_property
+    def positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(cache row int64 [n], position in the sequence int64 [n]) of each held-out token."""
+        from pipeline.analysis.features import heldout_positions
+
+        return heldout_positions(self.cache, self.held_chunks, len(self.heldout[1]), self.cfg.train.exclude_bos)
+
+    @cached_property
+    def lm(self):
+        """The cache's language model (pipeline/evaluation.py), loaded once."""
+        from pipeline.evaluation import load_cache_model
+
+        return load_cache_model(self.cache, self.device)
+
+    def firing_freq(self, name: str) -> np.ndarray:
+        """float [d_sae]: held-out firing frequency saved by training, else measured on the held-out tokens."""
+        p = self.sae_dirs[name] / "firing_freq.pt"
+        if p.is_file():
+            return torch.load(p).numpy()
+        x, _ = self.heldout
+        with torch.no_grad():
+            f = torch.cat([self.saes[name].encode(x[s:s + 4096]) for s in range(0, len(x), 4096)])
+        return (f != 0).float().mean(0).cpu().numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sections (one function each)
+
+
+def section_ngrams(ctx: Context) -> Section:
+    from pipeline.analysis.ngrams import top_table
+
+    a = ctx.cfg.analyze
+    stats, rank_counts, tables = {}, {}, []
+    for n in (1, 2, 3):
+        t0 = time.perf_counter()
+        c = ctx.ngrams(n)
+        table = top_table(c, ctx.decode, a.top_n)
+        _write_csv(ctx.out / f"top_{n}grams.csv", table)
+        rank_counts[n] = c.counts
+        stats[n] = {"total": c.total, "distinct": int(len(c.codes)), "top10_share": c.top_share(10),
+                    "top100_share": c.top_share(100), "seconds": time.perf_counter() - t0, "top": table}
+        tables.append(Table(f"Top {min(10, a.top_n)} {n}-grams (over-representation: log10 of count ÷ the "
+                            "count expected if all V^n n-grams were equally likely)",
+                            ["rank", "n-gram", "count", "log10 over-rep."],
+                            [[r["rank"], r["text"], f"{r['count']:,}", f"{r['log10_overrep']:.1f}"]
+                             for r in table[:10]]))
+    fig = plots.plot_ngram_rank_frequency(rank_counts, ctx.out / "ngram_rank_frequency.png")
+    overview = Table("n-gram counts", ["n", "occurrences", "distinct", "top-10 share", "top-100 share"],
+                     [[n, f"{s['total']:,}", f"{s['distinct']:,}", f"{s['top10_share']:.1%}",
+                       f"{s['top100_share']:.1%}"] for n, s in stats.items()])
+    return Section("ngrams", "n-gram statistics (Tokenized SAEs, Sec. 2, Fig. 1)",
+                   [f"Counted with dask over the Zarr `tokens` array ({ctx.cache.n_seq * ctx.cache.context_size:,} "
+                    "tokens), n-grams within sequences."],
+                   [overview, *tables],
+                   [Figure(fig, "Count of each n-gram against its frequency rank (log-log): a few short n-grams "
+                                "dominate the training data.")],
+                   stats)
+
+
+def section_mse_by_freq(ctx: Context) -> Section:
+    from pipeline.analysis.reconstruction import by_frequency, frequency_bins
+
+    x, t = ctx.heldout
+    freq = ctx.unigram_counts[t.cpu().numpy()]
+    edges = frequency_bins(np.maximum(freq, 1), ctx.cfg.analyze.n_freq_bins)
+    var = ctx.var_per_token
+    mse_rows = {n: by_frequency(e.mse / var, freq, edges) for n, e in ctx.errors.items()}
+    l0_rows = {n: by_frequency(e.l0, freq, edges) for n, e in ctx.errors.items()}
+    f1 = plots.plot_by_frequency(mse_rows, "per-token MSE / mean per-token variance",
+                                 "reconstruction error by token frequency", ctx.out / "mse_by_frequency.png")
+    f2 = plots.plot_by_frequency(l0_rows, "active latents (L0)", "active latents by token frequency",
+                                 ctx.out / "l0_by_frequency.png")
+    figures = [Figure(f1, "Per-token reconstruction error by how often the token occurs in the cache: rare "
+                          "tokens are reconstructed worse, less so with a lookup (paper Fig. 2)."),
+               Figure(f2, "Active latents per token by token frequency: frequent tokens use fewer latents "
+                          "(paper Fig. 3).")]
+    _write_csv(ctx.out / "mse_by_frequency.csv", [{"sae": n, **r, "mean_l0": l0_rows[n][i]["mean"]}
+                                                  for n, rows in mse_rows.items() for i, r in enumerate(rows)])
+    names = list(mse_rows)
+    first = mse_rows[names[0]]
+    tables = [Table("MSE / variance by unigram count", ["token count", "tokens", *names],
+                    [[f"{r['lo']:.0f}–{r['hi']:.0f}", f"{r['n']:,}",
+                      *[f"{mse_rows[n][i]['mean']:.4f}" for n in names]] for i, r in enumerate(first)])]
+    data: dict[str, Any] = {"normaliser_per_token_variance": var, "bins": mse_rows, "l0_bins": l0_rows}
+    try:
+        from pipeline.analysis.reconstruction import bigram_frequency
+
+        bg = ctx.ngrams(2)
+        bfreq = bigram_frequency(bg, ctx.heldout_prev, t.cpu().numpy())
+        valid = bfreq > 0
+        bedges = frequency_bins(np.maximum(bfreq[valid], 1), ctx.cfg.analyze.n_freq_bins)
+        bi_rows = {n: by_frequency(e.mse[valid] / var, bfreq[valid], bedges) for n, e in ctx.errors.items()}
+        f3 = plots.plot_by_frequency(bi_rows, "per-token MSE / mean per-token variance",
+                                     "reconstruction error by bigram frequency", ctx.out / "mse_by_bigram_frequency.png")
+        figures.append(Figure(f3, "Per-token reconstruction error by the count of the (previous, current) bigram "
+                                  "in the cache (paper App. C.5)."))
+        data["bigram_bins"] = bi_rows
+    except ImportError:
+        pass
+    return Section("mse_by_freq", "Reconstruction MSE and L0 by token frequency (Tokenized SAEs, Fig. 2–3, App. C.5)",
+                   [f"Per-token ‖x − x̂‖² divided by the held-out mean per-token variance ({len(x):,} held-out "
+                    "tokens), binned by the token's (or bigram's) count in the cache."],
+                   tables, figures, data)
+
+
+def section_unigram_features(ctx: Context) -> Section:
+    from pipeline.analysis.unigram_features import unigram_feature_counts
+
+    a = ctx.cfg.analyze
+    from pipeline.analysis.features import plot_unigram_match, unigram_match
+
+    t_np = ctx.heldout[1].cpu().numpy()
+    counts, rows, matches = {}, [], {}
+    for n, s in ctx.saes.items():
+        u = unigram_feature_counts(s, ctx.unigram, ctx.errors[n].max_act, a.unigram_threshold)
+        top = ctx.top[n]
+        matches[n] = unigram_match(u.top_unigram, np.where(top.alive, t_np[np.maximum(top.index, 0)], -1))
+        counts[n] = u.counts
+        rows.append({"sae": n, "tokenized": s.params.tokenized, "d_sae": s.params.d_sae,
+                     "fraction_latents_activated_by_a_unigram": u.fraction_activated,
+                     "mean_unigrams_per_latent": float(u.counts.mean()),
+                     "top_unigram_is_top_token": matches[n].fraction,
+                     "median_unigrams_per_active_latent": float(np.median(u.counts[u.counts > 0]))
+                     if (u.counts > 0).any() else 0.0})
+        np.save(ctx.out / f"unigram_counts_{n}.npy", u.counts)
+    fig = plots.plot_unigram_counts(counts, ctx.out / "unigram_feature_counts.png")
+    fig2 = plot_unigram_match(matches, ctx.out / "unigram_match.png")
+    _write_csv(ctx.out / "unigram_features.csv", rows)
+    table = Table("Latents activated by unigrams", ["SAE", "tokenized", "d_sae", "latents activated by ≥1 unigram",
+                                                    "mean unigrams / latent", "top unigram = top cache token"],
+                  [[r["sae"], r["tokenized"], r["d_sae"], f"{r['fraction_latents_activated_by_a_unigram']:.1%}",
+                    f"{r['mean_unigrams_per_latent']:.1f}", f"{r['top_unigram_is_top_token']:.1%}"] for r in rows])
+    return Section("unigram_features", "Unigram-activation feature counts (Tokenized SAEs, Sec. 3.2, 5.1, Fig. 9)",
+                   [f"Every `[BOS, t]` activation is encoded; a unigram activates a latent when f(u_t) > "
+                    f"{a.unigram_threshold} × the latent's max activation on held-out tokens."],
+                   [table],
+                   [Figure(fig, "How many unigrams activate each latent: a plain SAE spends many latents on single "
+                                "tokens, a tokenized one far fewer."),
+                    Figure(fig2, "Per SAE, the share of alive latents whose strongest unigram is also the token at "
+                                 "their top-activating held-out position, next to the share any unigram activates.")],
+                   {"threshold": a.unigram_threshold, "rows": rows,
+                    "fraction": {r["sae"]: r["fraction_latents_activated_by_a_unigram"] for r in rows}})
+
+
+def section_frontiers(ctx: Context) -> Section:
+    from pipeline.analysis import frontiers as F
+
+    results = list(ctx.evals.values())
+    figs, tables, data = [], [], {}
+    for metric, label in (("nmse", "NMSE"), ("ce_added", "CE added (nats)")):
+        fr = F.frontiers(results, metric)
+        if not fr.points:
+            continue
+        path = F.plot_frontier(fr, ctx.out / f"pareto_{metric}.png", label)
+        figs.append(Figure(path, f"Held-out {label} against L0 for every SAE, with each family's Pareto front "
+                                 "(paper Fig. 7): lower-left is better."))
+        data[f"pareto_{metric}"] = {g: [ps[i][0] for i in fr.front[g]] for g, ps in fr.points.items()}
+    tables.append(Table("Held-out metrics", ["SAE", "arch", "tokenized", "d_sae", "L0", "NMSE", "CE added"],
+                        [[r["name"], r["architecture"], r["tokenized"], r["d_sae"], f"{r['l0']:.1f}",
+                          f"{r['nmse']:.4f}", "" if r.get("ce_added") is None else f"{r['ce_added']:.4f}"]
+                         for r in results]))
+    pairs = F.twins(results)
+    conv_rows = []
+    for key, label in (("heldout_nmse", "NMSE"), ("heldout_ce_added", "CE added")):
+        convs = [c for p, t in pairs if (c := F.convergence(p, t, ctx.logs, key)) is not None]
+        if not convs:
+            continue
+        path = F.plot_convergence(pairs, ctx.logs, key, f"held-out {label}", ctx.out / f"convergence_{key}.png")
+        figs.append(Figure(path, f"Held-out {label} against training tokens, plain (solid) vs tokenized (dashed): "
+                                 "the speed-up is how much earlier the tokenized SAE reaches the plain one's final "
+                                 "value (paper Fig. 8)."))
+        for c in convs:
+            conv_rows.append([c.plain, c.tokenized, label, f"{c.target:.4f}", f"{c.plain_tokens:,.0f}",
+                              f"{c.tokenized_tokens:,.0f}", f"{c.speedup:.1f}×"])
+        data[f"convergence_{key}"] = [c.__dict__ for c in convs]
+    if conv_rows:
+        tables.append(Table("Convergence speed-up (tokens to reach the plain SAE's final value)",
+                            ["plain", "tokenized", "metric", "target", "plain tokens", "tokenized tokens",
+                             "speed-up"], conv_rows))
+    drifts = {}
+    for n, s in ctx.saes.items():
+        if s.W_lookup is None:
+            continue
+        alpha = float(s.params.extra.get("train", {}).get("alpha", 0.5))
+        drifts[n] = F.lookup_drift(s.lookup_table(), ctx.unigram, alpha, ctx.unigram_counts, s.lookup_index,
+                                   s.params.lookup_rows)
+    if drifts:
+        path = F.plot_lookup_drift(drifts, ctx.out / "lookup_drift.png")
+        figs.append(Figure(path, "Cosine between each trained lookup row and its unigram initialisation, for tokens "
+                                 "seen in training: how much the lookup moved away from a unigram table."))
+        summ = {n: d.summary() for n, d in drifts.items()}
+        tables.append(Table("Trained lookup vs α·unigram initialisation",
+                            ["SAE", "α", "rows", "seen", "mean cos (seen)", "median rel. change (seen)"],
+                            [[n, s["alpha"], s["rows"], s["seen"], f"{s['mean_cos_seen']:.3f}",
+                              f"{s['median_rel_change_seen']:.3f}"] for n, s in summ.items()]))
+        data["lookup_drift"] = summ
+    return Section("frontiers", "Pareto frontiers, convergence speed-up, lookup drift (Tokenized SAEs, Sec. 4.3, "
+                   "Fig. 7–8)", ["From each SAE's `eval.json` and `metrics.jsonl` (held-out metrics logged during "
+                                 "training)."], tables, figs, data)
+
+
+def section_dead_cosine(ctx: Context) -> Section:
+    from pipeline.analysis import features as F
+
+    res = {n: F.encoder_decoder_cosine(s.W_enc.detach(), s.W_dec.detach(), ctx.firing_freq(n))
+           for n, s in ctx.saes.items()}
+    tok = [n for n, s in ctx.saes.items() if s.params.tokenized]
+    fig = F.plot_encdec_cosine(res, ctx.out / "encoder_decoder_cosine.png", tokenized=tok)
+    summ = {n: r.summary() for n, r in res.items()}
+    table = Table("Encoder/decoder cosine by firing", ["SAE", "never fire", "fire", "cos > 0.9 among never-firing",
+                                                       "cos > 0.9 among firing", "mean cos (firing)"],
+                  [[n, v["n_dead"], v["n_firing"], f"{v['frac_high_cos_dead']:.1%}", f"{v['frac_high_cos_firing']:.1%}",
+                    f"{v['mean_cos_firing']:.3f}"] for n, v in summ.items()])
+    return Section("dead_cosine", "Dead latents from encoder/decoder cosine (Tokenized SAEs, App. C.2, Fig. 14)",
+                   ["Latents start with encoder = decoder transpose; one that never trains keeps cos ≈ 1. Firing "
+                    "frequency is measured on held-out tokens."],
+                   [table], [Figure(fig, "cos(encoder, decoder) of every latent against its held-out firing frequency; "
+                                         "never-firing latents (left strip) keep cos ≈ 1 from the transpose init.")],
+                   summ)
+
+
+def section_unigram_cosine(ctx: Context) -> Section:
+    from pipeline.analysis import features as F
+
+    res, rows = {}, []
+    for n, s in ctx.saes.items():
+        uc = F.encoder_unigram_cosine(s.W_enc.detach(), ctx.unigram.to(s.W_enc.device), center=s.b_dec.detach())
+        alive = ctx.top[n].alive
+        res[n] = uc.max_cos[alive]
+        sm = uc.summary(mask=alive)
+        if sm["n"] == 0:
+            continue
+        rows.append([n, s.params.tokenized, sm["n"], f"{sm['mean']:.3f}", f"{sm['median']:.3f}",
+                     *[f"{sm[f'frac_above_{t}']:.1%}" for t in (0.5, 0.7, 0.9)]])
+    tok = [n for n, s in ctx.saes.items() if s.params.tokenized]
+    fig = F.plot_unigram_cosine(res, ctx.out / "encoder_unigram_cosine.png", tokenized=tok)
+    cols = ["SAE", "tokenized", "alive latents", "mean max cos", "median max cos",
+            *[f"share > {t}" for t in (0.5, 0.7, 0.9)]]
+    return Section("unigram_cosine", "Encoder vs unigram activations (Tokenized SAEs, App. C.3, Fig. 15)",
+                   ["For each alive latent, the largest cosine between its encoder vector and any unigram activation "
+                    "(minus b_dec)."],
+                   [Table("Max encoder–unigram cosine", cols, rows)],
+                   [Figure(fig, "Histogram over latents of the best cosine between the encoder vector and any unigram "
+                                "activation: mass near 1 means latents that detect single tokens.")],
+                   {n: {"mean": float(v.mean()) if len(v) else None} for n, v in res.items()})
+
+
+def section_suffix_length(ctx: Context) -> Section:
+    from pipeline.analysis import features as F
+
+    a = ctx.cfg.analyze
+    rows_, pos_ = ctx.positions
+    res, table = {}, []
+    for n, s in tqdm(ctx.saes.items(), desc="suffix lengths", leave=False):
+        top = ctx.top[n]
+        lats = F.sample_latents(top, a.suffix_latents)
+        if len(lats) == 0:
+            continue
+        contexts = F.top_contexts(ctx.cache, rows_[top.index[lats]], pos_[top.index[lats]])
+        r = F.minimal_suffix_lengths(ctx.lm, s, ctx.hook, contexts, lats, prepend_bos=ctx.cache.meta["prepend_bos"],
+                                     bos_token_id=ctx.cache.meta["bos_token_id"], max_n=a.max_suffix_len)
+        res[n] = r
+        sm = r.summary()
+        table.append([n, s.params.tokenized, sm["n"], *[_fmt(sm.get(k, math.nan)) for k in
+                                                         ("median_active", "share_1_active", "median_frac",
+                                                          "share_1_frac", "share_over_max_frac")]])
+    if not res:
+        return Section("suffix_length", "Minimal suffix n-gram length (Tokenized SAEs, Fig. 16)",
+                       ["No latent fired on held-out tokens."])
+    tok = [n for n, s in ctx.saes.items() if s.params.tokenized]
+    fig = F.plot_suffix_lengths(res, ctx.out / "suffix_lengths.png", tokenized=tok)
+    return Section("suffix_length", "Minimal suffix n-gram length (Tokenized SAEs, Fig. 16)",
+                   [f"For {a.suffix_latents} sampled alive latents per SAE, the model is run on `[BOS] +` the last n "
+                    f"tokens of the latent's top held-out context, n = 1…{a.max_suffix_len}."],
+                   [Table("Suffix lengths", ["SAE", "tokenized", "latents", "median n (fires)", "share n = 1 (fires)",
+                                             "median n (≥ 90%)", "share n = 1 (≥ 90%)",
+                                             f"share > {a.max_suffix_len} (≥ 90%)"], table)],
+                   [Figure(fig, "Shortest suffix of a latent's top context that makes it fire (left) and that restores "
+                                "≥ 90% of its top activation (right): short suffixes mean local, n-gram-like latents.")],
+                   {n: r.summary() for n, r in res.items()})
+
+
+def section_final_token(ctx: Context) -> Section:
+    from pipeline.analysis import features as F
+
+    x, t = ctx.heldout
+    n = min(len(x), ctx.cfg.analyze.final_token_samples)
+    idx = np.random.default_rng(0).choice(len(x), n, replace=False) if n < len(x) else np.arange(len(x))
+    pos = ctx.positions[1]
+    r = F.nearest_unigram(x[idx], t[idx], ctx.unigram.to(x.device), positions=pos[idx])
+    fig = F.plot_nearest_unigram({ctx.hook: r}, ctx.out / "final_token_subspace.png")
+    sm = r.summary()
+    rows = [[f"{b['lo']}–{b['hi']}", f"{b['n']:,}", f"{b['frac_l2']:.1%}", f"{b['frac_cos']:.1%}"]
+            for b in sm.get("by_position", [])]
+    return Section("final_token", "Final-token subspace (Tokenized SAEs, App. C.4, Fig. 17)",
+                   [f"{n:,} held-out residuals: how often the nearest unigram activation (L2 / cosine) is the one of "
+                    f"the residual's own token. Overall: L2 {r.frac_l2:.1%}, cosine {r.frac_cos:.1%}."],
+                   [Table("Nearest unigram is the current token, by position", ["positions", "residuals", "L2", "cosine"],
+                          rows)],
+                   [Figure(fig, "Fraction of residuals whose nearest unigram activation is their own token's, by "
+                                "position in the sequence: the last token dominates the residual stream.")],
+                   sm)
+
+
+def _pct(v: float) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1%}"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    return str(v)
+
+
+def section_browser(ctx: Context) -> Section:
+    from pipeline.analysis.browser import top_examples, write_browser
+
+    a = ctx.cfg.analyze
+    examples = {}
+    for n, s in tqdm(ctx.saes.items(), desc="feature browser", leave=False):
+        examples[n] = top_examples(s, ctx.cache, ctx.hook, ctx.held_chunks, latents=a.browser_latents,
+                                   k_examples=a.browser_examples, exclude_bos=ctx.cfg.train.exclude_bos)
+    write_browser(examples, ctx.tokenizer, ctx.out / "browser",
+                          header_lines=[f"Top-activating held-out examples at `{ctx.hook}`."])
+    rows = [[n, ex.d_sae, ex.n_alive, len(ex.latents)] for n, ex in examples.items()]
+    return Section("browser", "Feature browser: top-activating examples", [
+        f"Static HTML: [browser/index.html](browser/index.html). For {a.browser_latents} latents per SAE (half the first "
+        f"alive latents by index, half the most frequent), the {a.browser_examples} top-activating held-out contexts "
+        "with the token marked and its activation."],
+        [Table("Browser pages", ["SAE", "d_sae", "alive latents (held-out)", "latents shown"],
+               rows)], [],
+        {n: {"alive": ex.n_alive, "shown": len(ex.latents)} for n, ex in examples.items()})
+
+
+def seed_pairs(evals: dict[str, dict]) -> list[tuple[str, str]]:
+    """Pairs of SAEs that differ only in their seed (same architecture, tokenized, d_sae, k / λ)."""
+    key = lambda r: (r["architecture"], r["tokenized"], r["d_sae"], r.get("k"), r.get("sparsity_coeff"))
+    names = sorted(evals)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
+            if key(evals[a]) == key(evals[b]) and evals[a].get("seed") != evals[b].get("seed")]
+
+
+def section_matching(ctx: Context) -> Section:
+    from pipeline.analysis import matching as Mt
+
+    a = ctx.cfg.analyze
+    mm = Mt.matching_matrix(ctx.saes, a.matching_threshold)
+    f1 = Mt.plot_matching_matrix(mm, ctx.out / "matching_mmcs.png", "mmcs")
+    f2 = Mt.plot_matching_matrix(mm, ctx.out / "matching_ratio.png", "ratio")
+    _write_csv(ctx.out / "matching.csv", mm.rows())
+    figs = [Figure(f1, "MMCS of the row SAE's latents against the column SAE's, by decoder (left) and encoder "
+                       "(right) directions: how much two dictionaries share."),
+            Figure(f2, f"Matching ratio (share of latents with a partner above cosine {a.matching_threshold}) for "
+                       "every pair of SAEs.")]
+    pairs = seed_pairs(ctx.evals)
+    rows, data = [], {"matrix": mm.rows(), "seed_pairs": {}}
+    matchings = {}
+    for x, y in pairs:
+        m = Mt.match_saes(ctx.saes[x], ctx.saes[y], "decoder", a.matching_threshold,
+                          use_hungarian=max(ctx.saes[x].params.d_sae, ctx.saes[y].params.d_sae) <= Mt.HUNGARIAN_MAX)
+        matchings[f"{x} vs {y}"] = m
+        sm = m.summary()
+        data["seed_pairs"][f"{x} vs {y}"] = sm
+        rows.append([x, y, f"{sm['mmcs_ab']:.3f}", f"{sm['ratio_ab']:.1%}", f"{sm['hungarian_mean']:.3f}",
+                     f"{sm['hungarian_ratio']:.1%}"])
+    tables = []
+    if rows:
+        tables.append(Table("Seeds: decoder matching", ["SAE A", "SAE B", "MMCS", f"ratio > {a.matching_threshold}",
+                                                         "Hungarian mean cos", "Hungarian ratio"], rows))
+        figs.append(Figure(Mt.plot_max_cosine(matchings, ctx.out / "matching_max_cosine.png"),
+                           "Each latent's best decoder cosine in the other seed's SAE; latents right of the "
+                           "threshold are shared, the rest seed-specific."))
+    names = mm.names
+    tables.append(Table("MMCS by decoder (row vs column)", ["SAE", *names],
+                        [[n, *[f"{v:.3f}" for v in mm.mmcs["decoder"][i]]] for i, n in enumerate(names)]))
+    return Section("matching", "Feature matching between SAEs (Cho 2025; MMCS, Sharkey et al. 2022)",
+                   ["Max cosine similarity of each latent's decoder (encoder) direction with all latents of another "
+                    "SAE; MMCS is its mean, the matching ratio the share above the threshold; the Hungarian variant "
+                    "pairs latents one-to-one (scipy's `linear_sum_assignment`)."], tables, figs, data)
+
+
+def section_positions(ctx: Context) -> Section:
+    from pipeline.analysis import positions as P
+
+    a = ctx.cfg.analyze
+    batches = P.cache_sequences(ctx.cache, ctx.hook, ctx.held_chunks, a.position_seqs)
+    stats = P.position_stats(ctx.saes, tqdm(batches, desc="positions", leave=False),
+                             bos=bool(ctx.cache.meta["prepend_bos"]))
+    f1 = P.plot_position_overall(stats, ctx.out / "positions_overall.png")
+    f2 = P.plot_position_heatmap(stats, ctx.out / "positions_heatmap.png")
+    f3 = P.plot_deciles(stats, ctx.out / "positions_deciles.png")
+    summ = {n: st.summary() for n, st in stats.items()}
+    rows = []
+    for n, st in stats.items():
+        sm, var = summ[n], st.position_variation()
+        fired = st.fires > 0
+        rows.append([n, f"{sm['tokens']:,}", _fmt(sm["l0_bos"]) if sm["l0_bos"] is not None else "–",
+                     f"{sm['l0_rest']:.1f}", f"{sm['overall_mean_rest']:.4f}", sm["latents_fired"],
+                     f"{np.median(var[fired]):.2f}" if fired.any() else "–",
+                     _fmt(sm["median_decile_50"]) if sm["median_decile_50"] is not None else "–"])
+        np.savez_compressed(ctx.out / f"positions_{n}.npz", mean=st.mean.astype(np.float32),
+                            std=st.std.astype(np.float32), n=st.n, deciles=st.deciles, levels=st.levels)
+    err = next(iter(stats.values())).decile_rel_error
+    return Section("positions", "Activations by token position and decile levels (feature-matching study)",
+                   [f"{a.position_seqs} held-out sequences streamed from the cache; per position and latent the mean and "
+                    "standard deviation of the activation, pooled over latents, and each latent's decile levels of its "
+                    f"positive activations (histogram estimate, relative error < {err:.1%}). Position 0 (BOS, when "
+                    "prepended) is reported but left out of the per-latent numbers."],
+                   [Table("By position", ["SAE", "tokens", "L0 at BOS", "L0 (other positions)",
+                                          "mean activation (other positions)", "latents fired",
+                                          "median position variation (std/mean over positions)",
+                                          "median of latents' 50% level"], rows)],
+                   [Figure(f1, "Mean ± std of all latent activations, active latents and ‖x‖ by position, one line per "
+                               "SAE; BOS (position 0) is marked."),
+                    Figure(f2, "Per-position mean activation of the most position-dependent latents (rows scaled to "
+                               "their maximum): latents that track where in the context a token is."),
+                    Figure(f3, "Decile levels of the positive activations of the most frequent latents (left) and "
+                               "every latent's 10/50/90% levels against its median (right).")],
+                   summ)
+
+
+def stitch_pairs(saes: dict[str, SAE]) -> list[tuple[str, str]]:
+    """(smaller, larger) SAE pairs for stitching: per (architecture, tokenized, k) the smallest and the largest
+    dictionary, when they differ in d_sae."""
+    groups: dict[tuple, list[str]] = {}
+    for n, s in saes.items():
+        groups.setdefault((s.params.architecture, s.params.tokenized, s.params.k), []).append(n)
+    pairs = []
+    for names in groups.values():
+        names = sorted(names, key=lambda n: (saes[n].params.d_sae, n))
+        small, d_max = names[0], max(saes[n].params.d_sae for n in names)
+        large = [n for n in names if saes[n].params.d_sae == d_max]
+        seed = lambda n: saes[n].params.extra.get("train", {}).get("seed")  # noqa: E731
+        same_seed = [n for n in large if seed(n) == seed(small)]
+        if saes[small].params.d_sae < d_max:
+            pairs.append((small, (same_seed or large)[0]))
+    return pairs
+
+
+def section_stitching(ctx: Context) -> Section:
+    from pipeline.analysis import stitching as St
+
+    a = ctx.cfg.analyze
+    title = "SAE stitching: novel vs reconstruction latents (Leask, Bussmann et al. 2025, Fig. 4–5)"
+    pairs = stitch_pairs(ctx.saes)
+    if not pairs:
+        return Section("stitching", title, ["No two SAEs of the same architecture, tokenization and k with different "
+                                            "d_sae: train a smaller and a larger dictionary to stitch them."])
+    x, t = ctx.heldout
+    n = min(len(x), a.stitching_tokens)
+    x, t = x[:n], t[:n]
+    effects, curves, rows, data = {}, {}, [], {}
+    for small, large in tqdm(pairs, desc="stitching", leave=False):
+        s0, s1 = ctx.saes[small], ctx.saes[large]
+        graph = St.stitch_graph(s0, s1, a.stitching_threshold)
+        key = f"{small} → {large}"
+        effects[key] = St.latent_effects(s0, s1, x, t, graph=graph)
+        curves[key] = St.interpolate(s0, s1, x, t, graph=graph)
+        g, e, c = graph.summary(), effects[key].summary(), curves[key].summary()
+        var = c["variance"]
+        data[key] = {"graph": g, "effects": e, "interpolation": c}
+        rows.append([small, large, g["novel"], g["reconstruction"], g["swap_components"],
+                     _pct(e["novel_improving_frac"]), _pct(e["reconstruction_improving_frac"]),
+                     f"{c['mse_start'] / var:.4f} @ {c['l0_start']:.1f}",
+                     f"{c['mse_after_novel'] / var:.4f} @ {c['l0_after_novel']:.1f}",
+                     f"{c['mse_end'] / var:.4f} @ {c['l0_end']:.1f}"])
+    f1 = St.plot_latent_effects(effects, ctx.out / "stitching_latent_effects.png")
+    f2 = St.plot_interpolation(curves, ctx.out / "stitching_interpolation.png")
+    return Section("stitching", title,
+                   [f"On {n:,} held-out tokens. A latent of the larger SAE is *novel* when its max decoder cosine to the "
+                    f"smaller SAE is ≤ {a.stitching_threshold}; connected components of the bipartite graph of cosines "
+                    "above the threshold are swapped together. NMSE = MSE / held-out variance."],
+                   [Table("Stitching", ["smaller", "larger", "novel", "reconstruction", "components swapped",
+                                        "novel latents lowering MSE", "reconstruction latents lowering MSE",
+                                        "NMSE @ L0: smaller", "after adding novel", "larger"], rows)],
+                   [Figure(f1, "Each latent of the larger SAE: max decoder cosine to the smaller SAE against the MSE "
+                               "change when it alone is added to the smaller SAE (paper Fig. 4): novel latents (left "
+                               "of the line) help, reconstruction latents duplicate."),
+                    Figure(f2, "Interpolating from the smaller to the larger SAE: novel latents added one by one "
+                               "(solid), then components swapped (dashed); MSE and L0 along the way (paper Fig. 5).")],
+                   data)
+
+
+def meta_sae_targets(ctx: Context) -> list[str]:
+    """SAEs to decompose with a meta-SAE: the first plain/tokenized twin pair, else the largest SAE."""
+    from pipeline.analysis.frontiers import twins
+
+    pairs = twins(list(ctx.evals.values()))
+    for p, t in pairs:
+        if p in ctx.saes and t in ctx.saes:
+            return [p, t]
+    return [max(ctx.saes, key=lambda n: (ctx.saes[n].params.d_sae, n))]
+
+
+def section_meta_sae(ctx: Context) -> Section:
+    from pipeline.analysis import meta_sae as Ms
+
+    a = ctx.cfg.analyze
+    results, rows, tables = {}, [], []
+    for n in tqdm(meta_sae_targets(ctx), desc="meta-SAE", leave=False):
+        cfg = Ms.MetaSAEConfig(n_meta=a.meta_sae_latents, k=a.meta_sae_k, epochs=a.meta_sae_epochs,
+                               eval_every=max(1, a.meta_sae_epochs // 20))
+        results[n] = r = Ms.train_meta_sae(ctx.saes[n], cfg, device=ctx.device)
+        sm = r.summary()
+        rows.append([n, sm["d_sae"], sm["n_meta"], sm["k"], sm["epochs"], f"{sm['variance_explained']:.1%}",
+                     f"{sm['l0']:.2f}", f"{sm['mean_row_cos']:.3f}", f"{sm['dead_meta_frac']:.1%}"])
+        d = r.decomposition
+        examples = []
+        for lat in np.argsort(-d.row_cos)[:5]:
+            parts = ", ".join(f"m{m} ({w:.2f})" for m, w in zip(d.top_meta[lat], d.top_weight[lat]) if m >= 0)
+            examples.append([int(lat), f"{d.row_cos[lat]:.3f}", parts])
+        tables.append(Table(f"{n}: best-reconstructed latents and their meta-latents (weight)",
+                            ["latent", "cos(row, reconstruction)", "meta-latents"], examples))
+        np.savez_compressed(ctx.out / f"meta_sae_{n}.npz", top_meta=d.top_meta, top_weight=d.top_weight,
+                            n_active=d.n_active, row_cos=d.row_cos, meta_freq=d.meta_freq)
+    fig = Ms.plot_meta_sae(results, ctx.out / "meta_sae.png")
+    return Section("meta_sae", "Meta-SAE on decoder rows (Leask, Bussmann et al. 2025, Sec. 4)",
+                   ["A BatchTopK SAE trained on the unit-norm decoder rows of an SAE decomposes each latent into a few "
+                    "meta-latents (paper: 49152 GPT-2 latents → 2304 meta-latents, k ≈ 4, ≈ 55% variance explained "
+                    "after 2000 epochs). Per-row decompositions are in `meta_sae_<SAE>.npz`."],
+                   [Table("Meta-SAEs", ["SAE", "rows (d_sae)", "meta-latents", "k", "epochs", "variance explained",
+                                        "meta-latents per row", "mean cos(row, reconstruction)", "dead meta-latents"],
+                          rows), *tables],
+                   [Figure(fig, "Meta-SAE variance explained over training (left) and how many meta-latents each "
+                                "decoder row uses (right).")],
+                   {n: r.summary() for n, r in results.items()})
+
+
+SECTIONS: dict[str, Callable[[Context], Section]] = {
+    "ngrams": section_ngrams,
+    "mse_by_freq": section_mse_by_freq,
+    "unigram_features": section_unigram_features,
+    "dead_cosine": section_dead_cosine,
+    "unigram_cosine": section_unigram_cosine,
+    "suffix_length": section_suffix_length,
+    "final_token": section_final_token,
+    "frontiers": section_frontiers,
+    "matching": section_matching,
+    "positions": section_positions,
+    "stitching": section_stitching,
+    "meta_sae": section_meta_sae,
+    "browser": section_browser,
+}
+"""Analysis key (``analyze.analyses``) → section function, in report order."""
+
+NEEDS_SAES = set(SECTIONS) - {"ngrams"}
+
+
+def run(cfg: Config, scheduler: str | None = None) -> dict:
     """Run ``cfg.analyze.analyses`` on ``cfg.cache_dir`` and the SAEs under ``cfg.train.out_dir``.
 
-    Writes ``<analyze.out_dir>/{results.json, summary.md, *.csv, *.png}``. Returns {out_dir, summary,
-    unigram_fraction}. Raises CacheError / FileNotFoundError with what to run first.
+    scheduler: a dask.distributed scheduler address for the token-level statistics (default: local).
+    Writes ``<analyze.out_dir>/{report.md, report.html, results.json, *.csv, *.png}``. Returns {out_dir,
+    report, report_html, unigram_fraction}. Raises CacheError / FileNotFoundError saying what to run first.
     """
     a = cfg.analyze
     out = Path(a.out_dir)
@@ -53,101 +716,49 @@ def run(cfg: Config) -> dict:
     cache = Cache.open(resolve_cache(cfg))
     hook = cache.check_hook(cfg.train.hook)
     dev = resolve_device(a.device)
-    d_vocab = int(cache.meta["d_vocab"])
-    tok = load_tokenizer(cache.meta["model"])
-    tokens = cache.tokens_array()
-    results: dict = {"cache": cache.path, "hook": hook, "n_seq": cache.n_seq,
-                     "tokens": cache.n_seq * cache.context_size}
-    md = [f"# tsae analysis\n", f"Cache `{cache.path}` ({cache.meta['model']}, `{hook}`, "
-          f"{results['tokens']:,} tokens); SAEs from `{cfg.train.out_dir}`.\n"]
-
-    def decode(t: int) -> str:
-        return tok.decode([int(t)])
-
-    freq = unigram_counts(tokens, d_vocab)
-    if "ngrams" in a.analyses:
-        stats, rank_counts = {}, {}
-        for n in tqdm((1, 2, 3), desc="n-grams", leave=False):
-            c = count_ngrams(tokens, n, d_vocab)
-            table = top_table(c, decode, a.top_n)
-            _write_csv(out / f"top_{n}grams.csv", table)
-            rank_counts[n] = c.counts
-            stats[n] = {"total": c.total, "distinct": int(len(c.codes)), "top10_share": c.top_share(10),
-                        "top100_share": c.top_share(100), "top": table}
-        plots.plot_ngram_rank_frequency(rank_counts, out / "ngram_rank_frequency.png")
-        results["ngrams"] = stats
-        md.append("## n-gram statistics (paper Fig. 1)\n")
-        md.append("| n | occurrences | distinct | top-10 share | top-100 share |\n|---|---|---|---|---|")
-        for n, s in stats.items():
-            md.append(f"| {n} | {s['total']:,} | {s['distinct']:,} | {s['top10_share']:.1%} | {s['top100_share']:.1%} |")
-        for n, s in stats.items():
-            md.append(f"\nTop {min(10, a.top_n)} {n}-grams (log10 over-representation vs uniform):\n")
-            md.append("| rank | n-gram | count | log10 over-rep. |\n|---|---|---|---|")
-            for r in s["top"][:10]:
-                md.append(f"| {r['rank']} | `{_md_cell(r['text'])}` | {r['count']:,} | {r['log10_overrep']:.1f} |")
-        md.append("\n![n-gram rank vs frequency](ngram_rank_frequency.png)\n")
-
-    sae_dirs = find_saes(cfg.train.out_dir)
-    per_sae = [x for x in a.analyses if x != "ngrams"]
-    if per_sae and not sae_dirs:
+    dirs = {d.name: d for d in find_saes(cfg.train.out_dir)}
+    if any(k in NEEDS_SAES for k in a.analyses) and not dirs:
         raise FileNotFoundError(f"no trained SAEs under {cfg.train.out_dir}: run `python cli.py train CONFIG` first")
-    saes = {d.name: load_sae(d, dev) for d in sae_dirs}
+    saes = {n: load_sae(d, dev) for n, d in dirs.items()}
     saes = {n: s for n, s in saes.items() if s.params.hook == hook}
-    unigram_fraction: dict[str, float] = {}
-    if per_sae and saes:
-        first = next(iter(saes.values())).params.extra
-        held = first.get("heldout_chunks") or split_chunks(cache, cfg.train.holdout_frac, cfg.train.seed)[1]
-        x, t = load_tokens(cache, hook, held, a.eval_tokens, cfg.train.exclude_bos, device=dev)
-        var_per_token = float((x - x.mean(0)).pow(2).sum(-1).mean())
-        errs = {n: token_errors(s, x, t) for n, s in tqdm(saes.items(), desc="encode held-out", leave=False)}
-        tok_freq = freq[t.cpu().numpy()]
-        if "mse_by_freq" in a.analyses:
-            edges = frequency_bins(np.maximum(tok_freq, 1), a.n_freq_bins)
-            mse_rows = {n: by_frequency(e.mse / var_per_token, tok_freq, edges) for n, e in errs.items()}
-            l0_rows = {n: by_frequency(e.l0, tok_freq, edges) for n, e in errs.items()}
-            plots.plot_by_frequency(mse_rows, "per-token MSE / mean per-token variance",
-                                    "reconstruction error by token frequency", out / "mse_by_frequency.png")
-            plots.plot_by_frequency(l0_rows, "active latents (L0)", "active latents by token frequency",
-                                    out / "l0_by_frequency.png")
-            flat = [{"sae": n, **r, "mean_l0": l0_rows[n][i]["mean"]} for n, rows in mse_rows.items()
-                    for i, r in enumerate(rows)]
-            _write_csv(out / "mse_by_frequency.csv", flat)
-            results["mse_by_freq"] = {"normaliser_per_token_variance": var_per_token, "bins": mse_rows,
-                                      "l0_bins": l0_rows}
-            md.append("## Reconstruction MSE by token frequency (paper Fig. 2–3)\n")
-            md.append("Per-token ‖x − x̂‖² divided by the held-out mean per-token variance, binned by the token's "
-                      f"count in the cache ({len(x):,} held-out tokens).\n")
-            names = list(mse_rows)
-            md.append("| token count | tokens | " + " | ".join(names) + " |\n|---|---|" + "---|" * len(names))
-            for i, r in enumerate(mse_rows[names[0]]):
-                vals = " | ".join(f"{mse_rows[n][i]['mean']:.4f}" if i < len(mse_rows[n]) else "" for n in names)
-                md.append(f"| {r['lo']:.0f}–{r['hi']:.0f} | {r['n']:,} | {vals} |")
-            md.append("\n![MSE by frequency](mse_by_frequency.png) ![L0 by frequency](l0_by_frequency.png)\n")
-        if "unigram_features" in a.analyses:
-            unigram = cache.unigram(hook)
-            counts, rows = {}, []
-            for n, s in saes.items():
-                u = unigram_feature_counts(s, unigram, errs[n].max_act, a.unigram_threshold)
-                counts[n] = u.counts
-                unigram_fraction[n] = u.fraction_activated
-                rows.append({"sae": n, "tokenized": s.params.tokenized, "d_sae": s.params.d_sae,
-                             "fraction_latents_activated_by_a_unigram": u.fraction_activated,
-                             "mean_unigrams_per_latent": float(u.counts.mean()),
-                             "median_unigrams_per_active_latent": float(np.median(u.counts[u.counts > 0]))
-                             if (u.counts > 0).any() else 0.0})
-                np.save(out / f"unigram_counts_{n}.npy", u.counts)
-            plots.plot_unigram_counts(counts, out / "unigram_feature_counts.png")
-            _write_csv(out / "unigram_features.csv", rows)
-            results["unigram_features"] = {"threshold": a.unigram_threshold, "rows": rows}
-            md.append("## Unigram-activation feature counts (paper Sec. 3.2, Fig. 9)\n")
-            md.append(f"A unigram activates a latent when f(u_t) > {a.unigram_threshold} × the latent's max "
-                      "activation on held-out tokens.\n")
-            md.append("| SAE | tokenized | d_sae | latents activated by ≥1 unigram | mean unigrams / latent |\n"
-                      "|---|---|---|---|---|")
-            for r in rows:
-                md.append(f"| {r['sae']} | {r['tokenized']} | {r['d_sae']} | "
-                          f"{r['fraction_latents_activated_by_a_unigram']:.1%} | {r['mean_unigrams_per_latent']:.1f} |")
-            md.append("\n![unigram feature counts](unigram_feature_counts.png)\n")
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    (out / "summary.md").write_text("\n".join(md) + "\n")
-    return {"out_dir": str(out), "summary": str(out / "summary.md"), "unigram_fraction": unigram_fraction}
+    evals, logs = {}, {}
+    for n in saes:
+        ev = dirs[n] / "eval.json"
+        if ev.is_file():
+            evals[n] = json.loads(ev.read_text())
+        lg = dirs[n] / "metrics.jsonl"
+        logs[n] = [json.loads(line) for line in open(lg)] if lg.is_file() else []
+    ctx = Context(cfg, cache, hook, out, dev, saes, evals, logs, {n: dirs[n] for n in saes},
+                  scheduler=scheduler or a.scheduler or None)
+    sections, timings = [], {}
+    bar = tqdm(a.analyses, desc="analyze", unit="analysis")
+    for key in bar:
+        bar.set_postfix_str(key)
+        if key in NEEDS_SAES and not saes:
+            continue
+        t0 = time.perf_counter()
+        sec = SECTIONS[key](ctx)
+        timings[key] = time.perf_counter() - t0
+        sections.append(sec)
+        ctx.results[key] = sec.data
+    results = {"cache": cache.path, "hook": hook, "n_seq": cache.n_seq, "tokens": cache.n_seq * cache.context_size,
+               "saes": list(saes), "seconds": timings, **ctx.results}
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
+    header = [f"Cache `{cache.path}` ({cache.meta['model']}, `{hook}`, {results['tokens']:,} tokens); "
+              f"{len(saes)} SAE(s) from `{cfg.train.out_dir}`."]
+    md, html = write_report(sections, out, "tsae analysis report", header)
+    uf = ctx.results.get("unigram_features", {}).get("fraction", {})
+    return {"out_dir": str(out), "report": str(md), "report_html": str(html), "unigram_fraction": uf,
+            "results": results}
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating, float)):
+        return None if math.isnan(o) else float(o)
+    if hasattr(o, "__dict__"):
+        return o.__dict__
+    return str(o)

@@ -16,14 +16,21 @@ def test_run_end_to_end_on_tiny_llama(tmp_path):
     r = CliRunner().invoke(cli.main, ["run", str(TINY), *_sets(tmp_path), "--set", "harvest.model=tiny-llama"])
     assert r.exit_code == 0, r.output
     assert "held-out evaluation" in r.output and "topk-tok" in r.output and "wall time" in r.output
+    from pipeline.config import ANALYSES
+
     res = json.loads((tmp_path / "analysis" / "results.json").read_text())
-    assert set(res) >= {"ngrams", "mse_by_freq", "unigram_features"}
+    assert set(res) >= set(ANALYSES)  # every analysis ran on the tiny config
     for png in ("ngram_rank_frequency.png", "mse_by_frequency.png", "unigram_feature_counts.png"):
         assert (tmp_path / "analysis" / png).stat().st_size > 1000
-    md = (tmp_path / "analysis" / "summary.md").read_text()
+    md = (tmp_path / "analysis" / "report.md").read_text()
     assert "Unigram-activation" in md and "n-gram statistics" in md
+    assert md.count("## ") >= len(ANALYSES) + 1  # contents + one heading per analysis
+    assert md.count("*Figure ") == md.count("![")  # every figure has its caption line
+    html = (tmp_path / "analysis" / "report.html").read_text()
+    assert "data:image/png;base64," in html
+    assert (tmp_path / "analysis" / "browser" / "index.html").is_file()
     s = json.loads((tmp_path / "saes" / "summary.json").read_text())
-    assert {r["name"] for r in s["results"]} == {"topk", "topk-tok"}
+    assert {r["name"] for r in s["results"]} == {"topk", "topk-tok", "topk-s1", "topk-small"}
 
 
 def test_stage_commands_separately_and_errors(tmp_path):

@@ -7,7 +7,7 @@ from tests.conftest import TINY
 def test_tiny_config_loads_with_defaults():
     cfg = load_config(TINY)
     assert cfg.harvest.model == "tiny-gpt2"
-    assert [s.name for s in cfg.train.saes] == ["topk", "topk-tok"]
+    assert [s.name for s in cfg.train.saes] == ["topk", "topk-tok", "topk-s1", "topk-small"]
     assert cfg.train.saes[1].tokenized and not cfg.train.saes[0].tokenized
     assert cfg.cache_dir == cfg.harvest.cache_dir  # train.cache_dir defaults to harvest.cache_dir
 

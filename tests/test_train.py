@@ -18,7 +18,7 @@ def test_train_writes_saes_whose_nmse_falls_and_lookup_trains(tiny_cache, tmp_pa
                       "train.holdout_frac=0.2")
     summary = train.run(cfg)
     res = {r["name"]: r for r in summary["results"]}
-    assert set(res) == {"topk", "topk-tok"}
+    assert set(res) == {"topk", "topk-tok", "topk-s1", "topk-small"}
     for name in res:
         log = [json.loads(line) for line in open(tmp_path / "saes" / name / "metrics.jsonl")]
         assert log[-1]["heldout_nmse"] < 0.8 * log[0]["heldout_nmse"]  # NMSE falls during training

@@ -60,3 +60,34 @@ def by_frequency(values: np.ndarray, freq: np.ndarray, edges: np.ndarray) -> lis
             rows.append({"lo": float(edges[b]), "hi": float(edges[b + 1]), "n": int(len(v)), "mean": float(v.mean()),
                          "sem": float(v.std() / np.sqrt(len(v)))})
     return rows
+
+
+def previous_tokens(seqs: np.ndarray, drop: int = 0) -> np.ndarray:
+    """The token before each position of sequences ``seqs`` int [n_seq, context] (−1 at position 0, which
+    has none), without the first ``drop`` positions: int64 [n_seq, context − drop]. Flattened, it lines up
+    with tokens flattened the same way (``seqs[:, drop:].reshape(-1)``), e.g. a held-out set read with
+    ``exclude_bos`` (drop = 1)."""
+    seqs = np.asarray(seqs, dtype=np.int64)
+    prev = np.concatenate([np.full((len(seqs), 1), -1, dtype=np.int64), seqs[:, :-1]], axis=1)
+    return prev[:, drop:]
+
+
+def bigram_frequency(bigrams, prev: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Count in the cache of each (previous token, token) bigram (Tokenized SAEs, App. C.5).
+
+    bigrams: :class:`pipeline.analysis.ngrams.NgramCounts` with n = 2 (``count_ngrams(tokens, 2, V)``);
+    prev, tokens: int arrays of the same shape (prev < 0: no previous token, e.g. position 0).
+    Returns int64 of that shape: the bigram's count, 0 where prev < 0 or the bigram never occurs in the
+    counted tokens (never for held-out tokens of the same cache, whose bigrams were counted).
+    Bin with :func:`frequency_bins` / :func:`by_frequency` over the entries with a count > 0.
+    """
+    if bigrams.n != 2:
+        raise ValueError(f"need bigram counts (n = 2), got n = {bigrams.n}")
+    prev = np.asarray(prev, dtype=np.int64)
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if prev.shape != tokens.shape:
+        raise ValueError(f"prev and tokens differ in shape: {prev.shape} vs {tokens.shape}")
+    has = prev >= 0
+    out = np.zeros(tokens.shape, dtype=np.int64)
+    out[has] = bigrams.count_of(bigrams.encode(prev[has], tokens[has]))
+    return out

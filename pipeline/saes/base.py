@@ -107,7 +107,7 @@ class SparseCode(NamedTuple):
     def dense(self, d_sae: int) -> Tensor:
         """f [batch, d_sae] (differentiable w.r.t. vals)."""
         f = self.vals.new_zeros(self.batch, d_sae)
-        return f.index_put((self.rows(), self.idx), self.vals)
+        return f.index_put_((self.rows(), self.idx), self.vals)
 
     def mask(self, keep: Tensor) -> SparseCode:
         """The same code with entries where ``keep`` [nnz] bool is False set to 0 (shape kept)."""
@@ -135,6 +135,159 @@ def sq_err(x: Tensor, x_hat: Tensor) -> Tensor:
     return (x_hat.float() - x.float()).pow(2).sum(-1).mean()
 
 
+def weighted_l1(f: Tensor, weights: Tensor) -> Tensor:
+    """Mean over the batch of Σ_i f_i · weights_i for f [..., d_sae] (float32, 0-d).
+
+    Computed as (Σ_batch f) · weights / batch: one reduction over f, whose gradient (weights / batch for
+    every token) stays a broadcast view instead of a [batch, d_sae] tensor.
+    """
+    return _WeightedL1.apply(f.reshape(-1, f.shape[-1]), weights)
+
+
+class _WeightedL1(torch.autograd.Function):
+    """(Σ_batch f) · weights / batch for f [batch, d_sae]; ∂/∂f = weights / batch as an expanded view."""
+
+    @staticmethod
+    def forward(ctx, f: Tensor, weights: Tensor) -> Tensor:
+        n = max(1, f.shape[0])
+        col = f.sum(0).float()  # native-dtype reduction (float accumulation), no float32 copy of f
+        ctx.save_for_backward(col, weights)
+        ctx.n, ctx.f_dtype, ctx.f_shape = n, f.dtype, f.shape
+        return (col * weights.float()).sum() / n
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        col, weights = ctx.saved_tensors
+        g_f = (g * weights.float() / ctx.n).to(ctx.f_dtype).expand(ctx.f_shape) if ctx.needs_input_grad[0] else None
+        g_w = (g * col / ctx.n).to(weights.dtype) if ctx.needs_input_grad[1] else None
+        return g_f, g_w
+
+
+# -- encoder with cheap gradients -------------------------------------------------------------
+# pre = (x - b_dec) · W_enc + b_enc. Autograd of that expression would get b_dec's gradient from the
+# [batch, d_sae] x [d_sae, d_model] matmul ∂L/∂(x - b_dec); but ∂L/∂b_dec = -(Σ_batch ∂L/∂pre) · W_encᵀ
+# = -(∂L/∂b_enc) · W_encᵀ, a vector-matrix product. The functions below compute exactly that gradient.
+# For the TopK family only a few entries of pre per token reach the loss; gather_pre gives them a
+# backward of O(nnz · d_model) (sparse encoder gradient, Gao et al. 2024 App. D) instead of the dense
+# [d_model, batch] x [batch, d_sae] matmul.
+
+
+class _EncoderBias(torch.autograd.Function):
+    """Identity on b_enc that also routes b_dec's encoder-side gradient: ∂L/∂b_dec = -W_enc · ∂L/∂b_enc."""
+
+    @staticmethod
+    def forward(ctx, b_enc: Tensor, b_dec: Tensor, W_enc: Tensor) -> Tensor:
+        ctx.save_for_backward(W_enc)
+        return b_enc.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (W_enc,) = ctx.saved_tensors
+        g_dec = -(W_enc @ g.to(W_enc.dtype)) if ctx.needs_input_grad[1] else None
+        return g, g_dec, None
+
+
+def _dense_pre_acts(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    """(x - b_dec) · W_enc + b_enc for x [..., d_model] as one addmm (bias in the matmul's dtype under autocast)."""
+    if torch.is_grad_enabled() and b_dec.requires_grad:
+        b_enc = _EncoderBias.apply(b_enc, b_dec, W_enc)
+    xc = x - b_dec.detach()
+    if xc.dim() == 2:
+        return torch.addmm(b_enc, xc, W_enc)
+    return torch.addmm(b_enc, xc.reshape(-1, xc.shape[-1]), W_enc).reshape(*xc.shape[:-1], W_enc.shape[1])
+
+
+class _SparsePre(torch.autograd.Function):
+    """pre = (x - b_dec) · W_enc + b_enc [batch, d_sae] whose entries are meant to be read through
+    :func:`gather_pre` (which differentiates them sparsely). Used densely, its backward is the dense formula."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+        xc = x - b_dec
+        ctx.save_for_backward(xc, W_enc)
+        ctx.sparse_inputs = (x, b_dec, W_enc, b_enc, xc)
+        return torch.addmm(b_enc, xc, W_enc)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        xc, W_enc = ctx.saved_tensors
+        g_b_enc = g.sum(0, dtype=torch.float32).to(W_enc.dtype)
+        g_x = g @ W_enc.to(g.dtype).T if ctx.needs_input_grad[0] else None
+        g_b_dec = -(W_enc @ g_b_enc) if ctx.needs_input_grad[1] else None
+        g_W = xc.to(g.dtype).T @ g if ctx.needs_input_grad[2] else None
+        return g_x, g_b_dec, g_W, g_b_enc
+
+
+class _GatherPre(torch.autograd.Function):
+    """values = pre[rows, idx] of a :class:`_SparsePre` output, with the backward of those nnz entries alone:
+    ∂L/∂W_enc[:, j] = Σ_{e: idx_e = j} g_e (x - b_dec)[rows_e] (an embedding_bag over the entries sorted by
+    latent), ∂L/∂b_enc[j] = Σ_{e: idx_e = j} g_e, ∂L/∂b_dec = -W_enc · ∂L/∂b_enc, ∂L/∂x[b] = Σ_{e: rows_e = b} g_e W_enc[:, idx_e]."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, xc: Tensor,
+                rows: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(xc, W_enc, rows, idx)
+        return values.clone()
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        xc, W_enc, rows, idx = ctx.saved_tensors
+        m = W_enc.shape[1]
+        g = g.to(xc.dtype)
+        g_b_enc = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, idx, g)
+        g_x = g_b_dec = g_W = None
+        if ctx.needs_input_grad[3]:
+            order = torch.argsort(idx)
+            counts = torch.bincount(idx, minlength=m)
+            starts = torch.cumsum(counts, 0) - counts
+            g_W = F.embedding_bag(rows[order], xc, starts, mode="sum", per_sample_weights=g[order]).T
+        if ctx.needs_input_grad[2]:
+            g_b_dec = -(W_enc @ g_b_enc.to(W_enc.dtype))
+        if ctx.needs_input_grad[1]:
+            g_x = torch.zeros_like(xc).index_add_(0, rows, g[:, None] * W_enc.T[idx].to(g.dtype))
+        return None, g_x, g_b_dec, g_W, g_b_enc.to(W_enc.dtype), None, None, None
+
+
+def gather_pre(pre: Tensor, rows: Tensor, idx: Tensor, values: Tensor | None = None) -> Tensor:
+    """pre[rows, idx] [nnz] (rows, idx int64 [nnz]), differentiable where pre is.
+
+    ``values``, if given, must equal pre[rows, idx] (e.g. from a topk of ``pre.detach()``). When pre comes
+    from :meth:`SAE.pre_acts` of an architecture with ``sparse_pre`` while training, the backward costs
+    O(nnz · d_model) instead of a dense [batch, d_sae] gradient and matmul.
+    """
+    node = pre.grad_fn
+    if isinstance(node, _SparsePre._backward_cls):
+        x, b_dec, W_enc, b_enc, xc = node.sparse_inputs
+        if values is None:
+            values = pre.detach()[rows, idx]
+        return _GatherPre.apply(values, x, b_dec, W_enc, b_enc, xc, rows, idx)
+    if pre.requires_grad or values is None:
+        return pre[rows, idx]
+    return values
+
+
+class _Lookup(torch.autograd.Function):
+    """W[rows] [batch, d_model] for rows int64 [batch], as ``F.embedding(rows, W, padding_idx=pad, sparse=True)``
+    but reading each distinct row once and returning an already coalesced sparse gradient (one entry per
+    distinct row, the padding row left out), so the lazy Adam does not sort and sum the batch's duplicates."""
+
+    @staticmethod
+    def forward(ctx, W: Tensor, rows: Tensor, pad: int | None) -> Tensor:
+        uniq, inv = torch.unique(rows, sorted=True, return_inverse=True)
+        ctx.save_for_backward(uniq, inv)
+        ctx.shape, ctx.pad = W.shape, pad
+        return W.index_select(0, uniq).index_select(0, inv)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        uniq, inv = ctx.saved_tensors
+        grad = torch.zeros(len(uniq), g.shape[1], dtype=g.dtype, device=g.device).index_add_(0, inv, g)
+        if ctx.pad is not None:
+            keep = uniq != ctx.pad
+            uniq, grad = uniq[keep], grad[keep]
+        return torch.sparse_coo_tensor(uniq[None], grad, ctx.shape, is_coalesced=True, check_invariants=False), None, None
+
+
 class SAE(nn.Module):
     """Base sparse autoencoder with an optional per-token lookup (tokenized SAE).
 
@@ -146,6 +299,9 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = ""
     unit_norm_decoder: ClassVar[bool] = True
     default_sparsity_coeff: ClassVar[float] = 0.0
+    sparse_pre: ClassVar[bool] = False
+    """True where :meth:`activate` and :meth:`aux_terms` read pre-activations only through :func:`gather_pre`
+    (TopK family): training then differentiates pre sparsely."""
 
     def __init__(self, params: SAEParams):
         super().__init__()
@@ -237,7 +393,9 @@ class SAE(nn.Module):
     # -- forward ------------------------------------------------------------------------------
     def pre_acts(self, x: Tensor) -> Tensor:
         """(x - b_dec) · W_enc + b_enc: [batch, d_sae]."""
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        if self.sparse_pre and torch.is_grad_enabled() and x.dim() == 2:
+            return _SparsePre.apply(x, self.b_dec, self.W_enc, self.b_enc)
+        return _dense_pre_acts(x, self.b_dec, self.W_enc, self.b_enc)
 
     def activate(self, pre: Tensor) -> Tensor | SparseCode:
         """Latents from pre-activations [batch, d_sae]: dense f, or a :class:`SparseCode`.
@@ -266,10 +424,11 @@ class SAE(nn.Module):
             return 0.0
         if tokens is None:
             raise ValueError("a tokenized SAE needs the token ids to decode")
-        if self.lookup_index is not None:
-            return F.embedding(self.lookup_index[tokens], self.W_lookup, padding_idx=self.params.lookup_rows,
-                               sparse=True)
-        return F.embedding(tokens, self.W_lookup, sparse=True)
+        rows = tokens if self.lookup_index is None else self.lookup_index[tokens]
+        pad = None if self.lookup_index is None else self.params.lookup_rows
+        if torch.is_grad_enabled() and self.W_lookup.requires_grad and rows.dim() == 1:
+            return _Lookup.apply(self.W_lookup, rows, pad)
+        return F.embedding(rows, self.W_lookup, padding_idx=pad, sparse=True)
 
     def lookup_table(self) -> Tensor | None:
         """The per-token bias of every token: [d_vocab, d_model] (zeros for tokens without a row), or None."""
@@ -298,9 +457,15 @@ class SAE(nn.Module):
         x_hat = self.decode_sae(z) + self.b_dec + lookup
         mse = sq_err(x, x_hat)
         terms = self.aux_terms(x, x_hat, pre, z, lookup)
-        f = z.dense(self.params.d_sae) if isinstance(z, SparseCode) else z
-        if self.training:
-            self.update_firing(f)
+        del pre
+        if isinstance(z, SparseCode):
+            f = z.dense(self.params.d_sae)
+            if self.training:
+                self._update_firing_code(z)
+        else:
+            f = z
+            if self.training:
+                self.update_firing(f)
         return ForwardOutput(x_hat, f, mse, self.total_loss(mse, terms), terms)
 
     def total_loss(self, mse: Tensor, terms: dict[str, Tensor]) -> Tensor:
@@ -311,7 +476,15 @@ class SAE(nn.Module):
     def update_firing(self, f: Tensor) -> None:
         """Advance the tokens-since-fired counter by the batch and reset it for latents that fired."""
         self.tokens_since_fired += f.shape[0]
-        self.tokens_since_fired[(f != 0).any(0)] = 0
+        if f.numel():
+            f = f.reshape(-1, f.shape[-1])
+            self.tokens_since_fired[(f.amax(0) != 0) | (f.amin(0) != 0)] = 0  # = (f != 0).any(0), 2 fast reductions
+
+    @torch.no_grad()
+    def _update_firing_code(self, code: SparseCode) -> None:
+        """:meth:`update_firing` of ``code.dense(d_sae)``, from the code's entries alone."""
+        self.tokens_since_fired += code.batch
+        self.tokens_since_fired[code.idx[code.vals != 0]] = 0
 
     def dead_mask(self) -> Tensor:
         """bool [d_sae]: latents silent for more than ``params.dead_after_tokens`` training tokens."""

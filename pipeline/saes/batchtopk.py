@@ -3,11 +3,36 @@ Sec. 2; reference code bartbussmann/BatchTopK)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from pipeline.saes.base import SAE, SparseCode
+from pipeline.saes.base import SAE, SparseCode, gather_pre
 from pipeline.saes.topk import auxk_loss
+
+
+def _top_positions(flat: Tensor, kk: int) -> Tensor:
+    """Ascending positions of the kk largest entries of ``flat`` (ranked by raw value, ties broken by torch.topk).
+
+    A threshold τ just below the kk-th largest value is estimated from a strided sample (~1M entries);
+    the entries > τ are candidates, and if there are at least kk of them the kk largest of the batch are
+    exactly the kk largest candidates. Otherwise τ is lowered once more, then the whole batch is ranked.
+    """
+    total = flat.numel()
+    if kk < total // 8 and total >= 1 << 18:
+        stride = max(1, total // (1 << 20))
+        sample = flat[::stride]
+        expect = kk * sample.numel() / total
+        for slack in (1.1, 2.0):
+            r = min(sample.numel(), int(expect * slack + 4 * math.sqrt(expect)) + 16)
+            tau = sample.topk(r, sorted=False).values.min()
+            cand = (flat > tau).nonzero().squeeze(1)  # ascending
+            if cand.numel() >= kk:
+                keep = torch.zeros(cand.numel(), dtype=torch.bool, device=flat.device)
+                keep[flat[cand].topk(kk, sorted=False).indices] = True
+                return cand[keep]
+    return flat.topk(kk, sorted=False).indices.sort().values
 
 
 def batch_topk_code(pre: Tensor, k: int) -> SparseCode:
@@ -17,12 +42,15 @@ def batch_topk_code(pre: Tensor, k: int) -> SparseCode:
     """
     n, m = pre.shape
     kk = min(n * k, n * m)
-    vals, flat = pre.relu().reshape(-1).topk(kk, sorted=False)
-    flat, order = flat.sort()
-    vals = vals[order]
-    rows, idx = flat // m, flat % m
+    flat = pre.detach().reshape(-1)
+    pos = _top_positions(flat, kk)
+    rows = torch.div(pos, m, rounding_mode="floor")
+    idx = pos - rows * m
+    vals = flat[pos]
+    if pre.requires_grad:
+        vals = gather_pre(pre, rows, idx, vals)
     offsets = torch.searchsorted(rows, torch.arange(n, device=pre.device))
-    return SparseCode(vals, idx, offsets, n)
+    return SparseCode(vals.relu(), idx, offsets, n)
 
 
 class BatchTopKSAE(SAE):
@@ -33,6 +61,7 @@ class BatchTopKSAE(SAE):
     """
 
     architecture = "batchtopk"
+    sparse_pre = True
 
     def __init__(self, params):
         super().__init__(params)

@@ -5,7 +5,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.saes.base import SAE, sq_err
+from pipeline.saes.base import SAE, sq_err, weighted_l1
+
+
+class _GatedFn(torch.autograd.Function):
+    """f = 1[π > 0] ⊙ ReLU(π ⊙ e + c) for π [batch, d_sae], e and c [d_sae] (computed in π's dtype), with
+    autograd's gradients: g_mag = g ⊙ 1[f > 0] (f > 0 exactly where π > 0 and the magnitude > 0);
+    ∂/∂π = g_mag ⊙ e, ∂/∂e = Σ_batch g_mag ⊙ π, ∂/∂c = Σ_batch g_mag."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, e: Tensor, c: Tensor) -> Tensor:
+        mag = torch.addcmul(c.to(pre.dtype), pre, e.to(pre.dtype)).relu_()
+        f = torch.ops.aten.threshold_backward(mag, pre, 0)  # mag where pre > 0, else 0
+        ctx.save_for_backward(pre, f, e)
+        return f
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        pre, f, e = ctx.saved_tensors
+        gm = torch.ops.aten.threshold_backward(g, f, 0)
+        g_e = (gm * pre).sum(0).to(e.dtype) if ctx.needs_input_grad[1] else None
+        g_c = gm.sum(0).to(e.dtype) if ctx.needs_input_grad[2] else None
+        g_pre = gm.mul_(e.to(gm.dtype)) if ctx.needs_input_grad[0] else None
+        return g_pre, g_e, g_c
 
 
 class GatedSAE(SAE):
@@ -37,15 +59,16 @@ class GatedSAE(SAE):
         self.W_enc.copy_(self.W_dec.T)
 
     def activate(self, pre: Tensor) -> Tensor:
-        mag = (pre - self.b_enc) * self.r_mag.exp() + self.b_mag
-        return (pre > 0).to(mag.dtype) * mag.relu()
+        # π_mag = (π_gate - b_enc) ⊙ exp(r_mag) + b_mag = π_gate ⊙ e + c, with e = exp(r_mag), c = b_mag - b_enc ⊙ e
+        e = self.r_mag.exp()
+        return _GatedFn.apply(pre, e, self.b_mag - self.b_enc * e)
 
     def aux_terms(self, x, x_hat, pre, latents, lookup) -> dict[str, Tensor]:
         if not self.training:
             return {}
         gate = pre.relu()
         norms = self.W_dec.norm(dim=1)
-        l1 = (gate.float() * norms).sum(-1).mean()
+        l1 = weighted_l1(gate, norms)
         lk = lookup.detach() if isinstance(lookup, Tensor) else lookup
         x_frozen = gate @ self.W_dec.detach() + self.b_dec.detach() + lk
         return {"l1": self.sparsity_scale * self.sparsity_coeff * l1, "gate_aux": sq_err(x, x_frozen)}

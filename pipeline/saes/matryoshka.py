@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from pipeline.saes.base import SparseCode, sq_err
 from pipeline.saes.batchtopk import BatchTopKSAE
@@ -32,11 +33,22 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         terms = super().aux_terms(x, x_hat, pre, latents, lookup)
         if not self.training or not isinstance(latents, SparseCode):
             return terms
-        prefix = []
-        for m in self.prefixes[:-1]:
-            x_m = self.decode_sae(latents.mask(latents.idx < m)) + self.b_dec + lookup
-            prefix.append(sq_err(x, x_m))
-        if prefix:
+        bounds = self.prefixes[:-1]
+        if bounds:
+            # f[:m]·W_dec[:m] for every prefix m at once: decode each group of latents [m_{i-1}, m_i) once
+            # (one embedding_bag whose bags are (group, token)), then running sums over the groups.
+            n, nb = latents.batch, len(bounds)
+            group = torch.bucketize(latents.idx, torch.tensor(bounds, device=latents.idx.device), right=True)
+            # entries ordered by (group, token): each group's entries keep the code's token order
+            keep = torch.cat([(group == i).nonzero().squeeze(1) for i in range(nb)])
+            key = group[keep] * n + latents.rows()[keep]
+            offsets = torch.searchsorted(key, torch.arange(nb * n, device=key.device))
+            parts = F.embedding_bag(latents.idx[keep], self.W_dec, offsets, mode="sum",
+                                    per_sample_weights=latents.vals[keep].to(self.W_dec.dtype))
+            prefix, x_m = [], self.b_dec + lookup
+            for part in parts.view(nb, n, -1):
+                x_m = x_m + part
+                prefix.append(sq_err(x, x_m))
             terms["prefix_mse"] = torch.stack(prefix).sum()
         return terms
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from pipeline.saes.base import SAE
+from pipeline.saes.base import SAE, weighted_l1
 
 
 class ReLUSAE(SAE):
@@ -32,5 +32,5 @@ class ReLUSAE(SAE):
     def aux_terms(self, x, x_hat, pre, latents, lookup) -> dict[str, Tensor]:
         if not self.training:
             return {}
-        l1 = (latents.float() * self.W_dec.norm(dim=1)).sum(-1).mean()
+        l1 = weighted_l1(latents, self.W_dec.norm(dim=1))
         return {"l1": self.sparsity_scale * self.sparsity_coeff * l1}

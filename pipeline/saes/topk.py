@@ -6,16 +6,19 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from pipeline.saes.base import SAE, SparseCode, sq_err
+from pipeline.saes.base import SAE, SparseCode, gather_pre, sq_err
 
 
 def topk_code(pre: Tensor, k: int) -> SparseCode:
     """The k largest entries of each row of pre [batch, d_sae], ReLU'd, as a :class:`SparseCode`."""
     b, m = pre.shape
     k = min(k, m)
-    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    vals, idx = pre.detach().topk(k, dim=-1, sorted=False)
     offsets = torch.arange(0, b * k, k, device=pre.device)
-    return SparseCode(vals.relu().reshape(-1), idx.reshape(-1), offsets, b)
+    vals, idx = vals.reshape(-1), idx.reshape(-1)
+    if pre.requires_grad:
+        vals = gather_pre(pre, torch.arange(b, device=pre.device).repeat_interleave(k), idx, vals)
+    return SparseCode(vals.relu(), idx, offsets, b)
 
 
 def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor | None:
@@ -32,8 +35,13 @@ def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, pre: Tensor) -> Tensor | None:
     if p.aux_coeff <= 0 or p.aux_k <= 0 or n_dead == 0:
         return None
     k_aux = min(p.aux_k, n_dead)
-    masked = pre.masked_fill(~dead, float("-inf"))
-    code = topk_code(masked, k_aux)
+    # the top k_aux of the dead columns alone (= topk of pre with live latents masked to -inf)
+    dead_idx = dead.nonzero().squeeze(1)
+    b = pre.shape[0]
+    vals, local = pre.detach().index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
+    idx = dead_idx[local.reshape(-1)]
+    vals = gather_pre(pre, torch.arange(b, device=pre.device).repeat_interleave(k_aux), idx, vals.reshape(-1))
+    code = SparseCode(vals.relu(), idx, torch.arange(0, b * k_aux, k_aux, device=pre.device), b)
     e = (x.float() - x_hat.float()).detach()
     e_hat = F.embedding_bag(code.idx, sae.W_dec, code.offsets, mode="sum",
                             per_sample_weights=code.vals.to(sae.W_dec.dtype))
@@ -48,6 +56,7 @@ class TopKSAE(SAE):
     """
 
     architecture = "topk"
+    sparse_pre = True
 
     def activate(self, pre: Tensor) -> SparseCode:
         return topk_code(pre, self.params.k)

@@ -1,0 +1,427 @@
+"""SAE training-step throughput: every architecture, plain and tokenized, against a plain-PyTorch baseline.
+
+What is measured, in one process, at d_model 576, d_sae 4608, k 32, batch 4096 (the SmolLM2-135M demo
+shape; the peers' "shape A"):
+
+* **our step**: ``pipeline.training.MultiTrainer.step(x, tokens, log=False)`` with one SAE: forward under
+  ``TrainOptions.autocast``, loss, backward, ``before_optimizer_step`` (decoder-gradient projection),
+  Adam (and lazy ``SparseAdam`` for a tokenized SAE's lookup), the lr schedulers,
+  ``after_optimizer_step`` (decoder renormalisation) — exactly what ``python cli.py train`` runs per
+  batch between two log steps. Every architecture, plain and tokenized (d_vocab 49152 like SmolLM2,
+  Zipf-distributed token ids, lookup lr = 100 × lr, W_lookup initialised from a unigram table as in
+  training), in float32 and/or bf16 autocast (``--autocast``).
+* **dense baseline**: a minimal plain-PyTorch dense ReLU SAE step of the same shape in float32 — the
+  peers' ``bench_ref.plain_relu`` (``/work/shared/peers/bench_ref.py``): ``f = relu((x - b_dec) @ W_enc
+  + b_enc)``, ``x̂ = f @ W_dec + b_dec``, MSE + 1e-3·L1, backward, Adam. On this 2-core machine it ran
+  at ~4,600 tok/s in the peers' run (``results-2026-11-22.txt``).
+* **N-in-one**: N TopK SAEs in one ``MultiTrainer`` (sharing every batch) against N single-SAE trainers
+  stepped on the same batch: time(N-in-one) / Σ time(single) (target ≤ 1.15).
+* **tokenized overhead**: per architecture and precision, the median over rounds of
+  t(tokenized) / t(plain) - 1 (target ≤ 5%; the paper reports 3–5%).
+
+Every variant runs one step per round, in an order rotated each round (as the peers' ``bench_train.py``),
+after ``--warmup`` untimed rounds, so drift of the shared host hits all of them alike; per variant the
+median step time gives tokens/s, and "× base" is the median over rounds of t(baseline) / t(variant) in
+the same round. After each round a float32 probe matmul (2048×576 @ 576×4608) shows the host's speed.
+
+**Targets** (the issue): every architecture ≥ 1.5 × the best peer library (SAELens 6.54.12 /
+dictionary_learning 0.1.0) at this shape on this machine. Host speed drifts, so each target is a ratio
+to the dense baseline measured in this run: 1.5 × (best peer tok/s) / (the baseline's 4,607 tok/s in the
+peers' own run). Matryoshka has no peer number (no target). The dense-latent architectures (relu, gated,
+jumprelu) do the same dense work whatever their L0; the TopK family's cost is set by k. AuxK runs only
+when latents are dead (none in a fresh SAE; the peers' runs had none either); ``topk+auxk`` (full run
+only) marks half the latents dead to show that cost.
+
+**Inputs** are synthetic activations with the statistics that matter for the step: a mean offset, a
+token-dependent component (per-token directions, Zipf token ids), a sparse sum of dictionary features
+with power-law frequencies, noise, scaled so that E‖x‖² = d_model (as training scales its inputs).
+``--cache PATH`` uses a real activation cache instead (its first tokens; ``d_model`` must be 576).
+
+**Held-out NMSE, bf16 vs float32** (``--nmse-steps N``, default 0 = skip): each of ``--nmse-archs``
+(plain) is trained N steps twice from the same init on the same batches — float32 and bf16 autocast —
+then evaluated by ``MultiTrainer.evaluate`` on held-out tokens; prints both NMSEs and their relative
+difference (target ≤ 1%). Use a real cache for this (``--cache runs/demo/cache``).
+
+Run from the repository root::
+
+    python benchmarks/train.py                         # both precisions, 7 timed rounds (~15 min on 2 cores)
+    python benchmarks/train.py --quick                 # bf16 only, 3 rounds, N=2 (~3 min)
+    python benchmarks/train.py --autocast none --archs topk,relu --rounds 5
+    python benchmarks/train.py --autocast both --rounds 0 --nmse-steps 300 --cache runs/demo/cache
+
+The environment variable ``THP_MEM_ALLOC_ENABLE`` (PyTorch's transparent-huge-page CPU allocation) is
+left as found; ``--thp`` sets it to 1 before torch is imported (the step allocates several
+[batch, d_sae] temporaries, whose page faults are a visible cost on some hosts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+if "--thp" in sys.argv:
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.saes import ARCHITECTURES, SAEParams  # noqa: E402
+from pipeline.training import MultiTrainer, TrainOptions, input_scale, resolve_autocast  # noqa: E402
+
+D_MODEL, D_SAE, K, BATCH, D_VOCAB = 576, 4608, 32, 4096, 49152
+ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
+LR, LOOKUP_LR_SCALE, ALPHA = 4e-4, 100.0, 0.5  # pipeline/config.py defaults
+
+# Best peer tokens/s at this shape (/work/shared/peers/results-2026-11-22.txt), and the peers' own dense
+# plain-PyTorch baseline in that run: targets are 1.5 × peer / PEER_BASELINE, as ratios to our baseline.
+PEER_BASELINE = 4607.0
+PEERS = {
+    "relu": (4433.0, "dictionary_learning standard"),
+    "topk": (4263.0, "dictionary_learning topk"),
+    "batchtopk": (3360.0, "dictionary_learning batchtopk"),
+    "jumprelu": (3419.0, "dictionary_learning jumprelu"),
+    "gated": (2680.0, "dictionary_learning gated"),
+}
+SHORT = {"matryoshka_batchtopk": "matryoshka"}
+
+
+def target_ratio(arch: str) -> float | None:
+    """1.5 × the best peer's tok/s over the peers' dense baseline, or None without a peer number."""
+    base = arch.split("+")[0]
+    return 1.5 * PEERS[base][0] / PEER_BASELINE if base in PEERS else None
+
+
+# -- data ---------------------------------------------------------------------------------------
+@dataclass
+class Data:
+    xs: list[torch.Tensor]      # float32 [BATCH, d_model] batches, scaled to E‖x‖² = d_model
+    ts: list[torch.Tensor]      # int64 [BATCH]
+    unigram: torch.Tensor       # float32 [d_vocab, d_model], same scale (the tokenized init)
+    d_vocab: int
+    source: str
+
+
+def zipf_tokens(n: int, vocab: int, g: torch.Generator, s: float = 1.1) -> torch.Tensor:
+    """n token ids with P(rank r) ∝ r^-s over a random permutation of the vocabulary."""
+    p = torch.arange(1, vocab + 1, dtype=torch.float64).pow(-s)
+    ranks = torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
+    return torch.randperm(vocab, generator=g)[ranks]
+
+
+def synthetic_data(n_batches: int, seed: int = 0) -> Data:
+    """Activation-like batches: mean + token direction + sparse features (power-law frequencies) + noise."""
+    g = torch.Generator().manual_seed(seed)
+    d, n = D_MODEL, n_batches * BATCH
+    mean = torch.randn(d, generator=g) * 0.8
+    tok_dir = torch.randn(D_VOCAB, d, generator=g) * 0.6                     # per-token component
+    n_feat, active = 2 * D_SAE, 24
+    feats = F.normalize(torch.randn(n_feat, d, generator=g), dim=1)
+    freq = torch.arange(1, n_feat + 1, dtype=torch.float64).pow(-0.7)
+    tokens = zipf_tokens(n, D_VOCAB, g)
+    which = torch.multinomial(freq / freq.sum(), n * active, replacement=True, generator=g)
+    coef = torch.empty(n * active).exponential_(1.0, generator=g) * 1.5
+    offsets = torch.arange(0, n * active, active)
+    x = F.embedding_bag(which, feats, offsets, mode="sum", per_sample_weights=coef)
+    x += mean + tok_dir[tokens] + 0.3 * torch.randn(n, d, generator=g)
+    c = input_scale(x)
+    unigram = (mean + tok_dir) * c
+    x *= c
+    return Data(list(x.split(BATCH)), list(tokens.split(BATCH)), unigram, D_VOCAB,
+                f"synthetic ({n:,} tokens, Zipf token ids over {D_VOCAB:,}, E‖x‖² = d_model)")
+
+
+def cache_data(path: str, n_batches: int, heldout: int = 0, seed: int = 0):
+    """Training batches (and held-out tokens) from a real activation cache, scaled to E‖x‖² = d_model."""
+    from pipeline.cache import Cache
+    from pipeline.reader import load_tokens, split_chunks
+
+    cache = Cache.open(path)
+    hook = cache.check_hook("")
+    train_chunks, held_chunks = split_chunks(cache, 0.1, seed)
+    x, t = load_tokens(cache, hook, train_chunks, n_batches * BATCH, exclude_bos=True)
+    if x.shape[1] != D_MODEL:
+        raise SystemExit(f"{path}: d_model {x.shape[1]} != {D_MODEL}")
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(x), generator=g)
+    x, t = x[perm], t[perm]
+    c = input_scale(x[:32768])
+    x = x * c
+    nb = len(x) // BATCH
+    unigram = cache.unigram(hook).float() * c
+    data = Data(list(x[: nb * BATCH].split(BATCH)), list(t[: nb * BATCH].split(BATCH)), unigram,
+                int(cache.meta["d_vocab"]), f"cache {path} ({hook}, {nb * BATCH:,} tokens)")
+    if not heldout:
+        return data
+    xh, th = load_tokens(cache, hook, held_chunks, heldout, exclude_bos=True)
+    return data, xh * c, th
+
+
+# -- variants -----------------------------------------------------------------------------------
+def make_sae(arch: str, tokenized: bool, data: Data, seed: int, **kw):
+    torch.manual_seed(seed)
+    p = SAEParams(arch, D_MODEL, D_SAE, k=K, tokenized=tokenized, d_vocab=data.d_vocab if tokenized else 0, **kw)
+    sae = ARCHITECTURES[arch](p)
+    x0 = torch.cat(data.xs[:4])
+    sae.init_from_data(x0, torch.cat(data.ts[:4]), data.unigram if tokenized else None, ALPHA)
+    return sae
+
+
+def trainer(saes: dict, autocast: torch.dtype | None, total_steps: int = 100_000) -> MultiTrainer:
+    return MultiTrainer({n: (s, LR, LR * LOOKUP_LR_SCALE) for n, s in saes.items()},
+                        TrainOptions(total_steps=total_steps, warmup_steps=10, autocast=autocast))
+
+
+def trainer_step(tr: MultiTrainer, data: Data) -> Callable[[int], None]:
+    nb = len(data.xs)
+    return lambda i: tr.step(data.xs[i % nb], data.ts[i % nb], log=False)
+
+
+def dense_baseline_step(data: Data) -> Callable[[int], None]:
+    """The peers' bench_ref.plain_relu: a dense ReLU SAE in plain PyTorch (two matmuls, MSE + L1, Adam), fp32."""
+    d, m = D_MODEL, D_SAE
+    g = torch.Generator().manual_seed(0)
+    We = torch.nn.Parameter(torch.randn(d, m, generator=g) / d**0.5)
+    be = torch.nn.Parameter(torch.zeros(m))
+    Wd = torch.nn.Parameter(torch.randn(m, d, generator=g) / m**0.5)
+    bd = torch.nn.Parameter(torch.zeros(d))
+    opt = torch.optim.Adam([We, be, Wd, bd], lr=1e-4)
+    nb = len(data.xs)
+
+    def step(i: int) -> None:
+        x = data.xs[i % nb]
+        f = torch.relu((x - bd) @ We + be)
+        xh = f @ Wd + bd
+        loss = (xh - x).pow(2).sum(-1).mean() + 1e-3 * f.sum(-1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def probe_gflops(reps: int = 3) -> float:
+    a, b = torch.randn(2048, 576), torch.randn(576, 4608)
+    a @ b
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2.0 * 2048 * 576 * 4608 / statistics.median(ts) / 1e9
+
+
+def interleave(entries: dict[str, Callable[[int], None]], warmup: int, rounds: int, label: str) -> dict[str, list[float]]:
+    """Per entry, its step times (s) over ``rounds`` timed rounds; one step of every entry per round.
+
+    Entries named ``group/variant`` form groups that always run back to back (their ratios are the most
+    drift-free), the group order rotates each round and the order inside a group reverses every other round.
+    """
+    groups: dict[str, list[str]] = {}
+    for n in entries:
+        groups.setdefault(n.split("/")[0], []).append(n)
+    gnames = list(groups)
+    times: dict[str, list[float]] = {n: [] for n in entries}
+    probes = []
+    t_start = time.time()
+    for r in range(warmup + rounds):
+        gorder = gnames[r % len(gnames):] + gnames[: r % len(gnames)]
+        order = [n for g in gorder for n in (groups[g] if r % 2 == 0 else groups[g][::-1])]
+        for n in order:
+            t0 = time.perf_counter()
+            entries[n](r)
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[n].append(dt)
+        probes.append(probe_gflops())
+        print(f"[{label}] round {r + 1}/{warmup + rounds} ({'warm-up' if r < warmup else 'timed'}, "
+              f"{time.time() - t_start:.0f}s, probe {probes[-1]:.0f} GFLOP/s)", file=sys.stderr, flush=True)
+    times["_probe"] = probes[warmup:]
+    return times
+
+
+def ratio_to(times: dict[str, list[float]], num: str, den: str) -> float:
+    """Median over rounds of times[num][r] / times[den][r]."""
+    return statistics.median(a / b for a, b in zip(times[num], times[den]))
+
+
+# -- the runs -----------------------------------------------------------------------------------
+def run_precision(dtype: torch.dtype | None, archs: list[str], data: Data, args) -> dict:
+    prec = "bf16" if dtype is not None else "fp32"
+    entries: dict[str, Callable[[int], None]] = {"baseline": dense_baseline_step(data)}
+    keep = []  # hold the trainers
+    for arch in archs:
+        for tok in (False, True):
+            tr = trainer({arch: make_sae(arch, tok, data, seed=1)}, dtype)
+            keep.append(tr)
+            entries[f"{arch}/{'tok' if tok else 'plain'}"] = trainer_step(tr, data)
+    if args.auxk and "topk" in archs:
+        sae = make_sae("topk", False, data, seed=1, dead_after_tokens=0)
+        with torch.no_grad():
+            sae.tokens_since_fired[::2] = 1  # half the latents dead → AuxK over them every step
+        sae.update_firing = lambda f: None  # keep them dead (the benchmark only)
+        sae._update_firing_code = lambda code: None
+        tr = trainer({"topk+auxk": sae}, dtype)
+        keep.append(tr)
+        entries["topk+auxk/plain"] = trainer_step(tr, data)
+    times = interleave(entries, args.warmup, args.rounds, f"steps {prec}")
+    del keep, entries
+    gc.collect()
+    return times
+
+
+def run_multi(dtype: torch.dtype | None, n: int, data: Data, args) -> dict:
+    prec = "bf16" if dtype is not None else "fp32"
+    saes = {f"topk{i}": make_sae("topk", False, data, seed=10 + i) for i in range(n)}
+    multi = trainer({k: copy.deepcopy(v) for k, v in saes.items()}, dtype)
+    singles = [trainer({k: v}, dtype) for k, v in saes.items()]
+    single_steps = [trainer_step(s, data) for s in singles]
+    entries = {"n/multi": trainer_step(multi, data), "n/singles": lambda i: [s(i) for s in single_steps]}
+    times = interleave(entries, args.warmup, args.rounds, f"{n}-in-one {prec}")
+    del multi, singles, single_steps, entries
+    gc.collect()
+    return times
+
+
+def report(results: dict[str, dict], multi: dict[str, dict], archs: list[str], auto: str, n_multi: int) -> list[str]:
+    lines = []
+    head = (f"{'architecture':<13} {'variant':<6} {'prec':<4} {'ms/step':>8} {'tok/s':>8} {'× base':>7} "
+            f"{'target':>7} {'pass':>4}  {'best peer (tok/s in its run)':<36} {'× peer*':>7}")
+    lines += [head, "-" * len(head)]
+    summary = []
+    for prec, times in results.items():
+        base_ms = statistics.median(times["baseline"]) * 1e3
+        lines.append(f"{'dense relu':<13} {'torch':<6} {'fp32':<4} {base_ms:8.0f} {BATCH / base_ms * 1e3:8,.0f} "
+                     f"{1.0:7.2f} {'':>7} {'':>4}  {'peers: 4,607 (torch plain_relu)':<36}")
+        for key in [k for k in times if "/" in k and k != "baseline"]:
+            arch, var = key.split("/")
+            ms = statistics.median(times[key]) * 1e3
+            r = ratio_to(times, "baseline", key)
+            tgt = target_ratio(arch)
+            ok = "" if tgt is None or "+" in arch else ("yes" if r >= tgt else "NO")
+            peer = PEERS.get(arch.split("+")[0])
+            peer_s = f"{peer[1]} ({peer[0]:,.0f})" if peer else "-"
+            vs_peer = f"{r * PEER_BASELINE / peer[0]:7.2f}" if peer else f"{'-':>7}"
+            mark = "*" if prec == auto else " "
+            lines.append(f"{SHORT.get(arch, arch):<13} {var:<6} {prec + mark:<5}{ms:7.0f} {BATCH / ms * 1e3:8,.0f} "
+                         f"{r:7.2f} {'' if tgt is None or '+' in arch else f'{tgt:.2f}':>7} {ok:>4}  "
+                         f"{peer_s:<36} {vs_peer}")
+            if ok:
+                summary.append((arch, var, prec, r, tgt, ok))
+        probes = times["_probe"]
+        lines.append(f"  ({prec}: fp32 probe matmul after each round: min {min(probes):.0f}, median "
+                     f"{statistics.median(probes):.0f}, max {max(probes):.0f} GFLOP/s)")
+    lines.append(f"* = the precision train.autocast = \"auto\" picks on this machine ({auto}). × base: median over rounds of "
+                 "t(dense baseline)/t(step); × peer*: × base × 4,607 / peer tok/s (peer scaled by the baseline's "
+                 "speed in its own run). target = 1.5 × best peer / 4,607.")
+    lines.append("")
+    lines.append("tokenized overhead: median over rounds of t(tokenized)/t(plain) - 1 (target ≤ 5%)")
+    for prec, times in results.items():
+        parts = []
+        for arch in archs:
+            if f"{arch}/tok" in times:
+                o = ratio_to(times, f"{arch}/tok", f"{arch}/plain") - 1
+                parts.append(f"{SHORT.get(arch, arch)} {o:+.1%}{'' if o <= 0.05 else ' (NO)'}")
+        lines.append(f"  {prec}: " + ", ".join(parts))
+    lines.append("")
+    for prec, times in multi.items():
+        r = ratio_to(times, "n/multi", "n/singles")
+        ms_m, ms_s = statistics.median(times["n/multi"]) * 1e3, statistics.median(times["n/singles"]) * 1e3
+        lines.append(f"{n_multi}-in-one ({prec}): {n_multi} TopK SAEs in one MultiTrainer {ms_m:.0f} ms/step vs "
+                     f"{n_multi} single trainers {ms_s:.0f} ms summed: ratio {r:.3f} (target ≤ 1.15: "
+                     f"{'yes' if r <= 1.15 else 'NO'})")
+    return lines
+
+
+def nmse_check(args, archs: list[str]) -> list[str]:
+    """Train each arch float32 and bf16 from one init on the same batches; held-out NMSE of both."""
+    n_tok = min(args.nmse_steps, 64) * BATCH
+    if args.cache:
+        data, xh, th = cache_data(args.cache, n_tok // BATCH, heldout=32768)
+    else:
+        d = synthetic_data(n_tok // BATCH + 8, seed=7)
+        xh, th = torch.cat(d.xs[-8:]), torch.cat(d.ts[-8:])
+        data = Data(d.xs[:-8], d.ts[:-8], d.unigram, d.d_vocab, d.source)
+    lines = [f"held-out NMSE after {args.nmse_steps} steps (batch {BATCH}, lr {LR}, {len(data.xs)} batches cycled, "
+             f"{len(xh):,} held-out tokens; data: {data.source})",
+             f"  {'architecture':<13} {'fp32':>8} {'bf16':>8} {'rel. diff':>9}  {'L0 fp32':>7} {'L0 bf16':>7}  within 1%"]
+    for arch in archs:
+        sae = make_sae(arch, False, data, seed=3)
+        trs = {prec: trainer({arch: copy.deepcopy(sae)}, dt, total_steps=args.nmse_steps)
+               for prec, dt in (("fp32", None), ("bf16", torch.bfloat16))}
+        t0 = time.time()
+        for i in range(args.nmse_steps):
+            for tr in trs.values():
+                tr.step(data.xs[i % len(data.xs)], data.ts[i % len(data.xs)], log=False)
+        ev = {p: tr.evaluate(xh, th)[arch] for p, tr in trs.items()}
+        a, b = ev["fp32"]["nmse"], ev["bf16"]["nmse"]
+        rel = b / a - 1
+        lines.append(f"  {SHORT.get(arch, arch):<13} {a:8.4f} {b:8.4f} {rel:+9.2%}  {ev['fp32']['l0']:7.1f} "
+                     f"{ev['bf16']['l0']:7.1f}  {'yes' if abs(rel) <= 0.01 else 'NO'}")
+        print(f"[nmse] {arch}: {time.time() - t0:.0f}s", file=sys.stderr, flush=True)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="bf16 only, 1 warm-up + 3 timed rounds, N=2, no AuxK row")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 7; quick 3)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; quick 1)")
+    ap.add_argument("--autocast", choices=["none", "bf16", "both"], default=None,
+                    help="float32 steps, bf16-autocast steps, or both (default both; quick bf16)")
+    ap.add_argument("--archs", default=",".join(ARCHS), help="comma list (default: all six)")
+    ap.add_argument("--n-multi", type=int, default=None, help="N of the N-in-one test (default 4; quick 2; 0 skips)")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, like the peers)")
+    ap.add_argument("--cache", default="", help="real activation cache to draw batches from (default: synthetic)")
+    ap.add_argument("--nmse-steps", type=int, default=0, help="bf16-vs-fp32 held-out NMSE check length (0 skips)")
+    ap.add_argument("--nmse-archs", default="topk,relu", help="architectures of the NMSE check")
+    ap.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 (set before torch is imported)")
+    ap.add_argument("--no-auxk", dest="auxk", action="store_false", help="skip the topk+auxk row")
+    args = ap.parse_args()
+    args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    args.autocast = args.autocast or ("bf16" if args.quick else "both")
+    args.n_multi = args.n_multi if args.n_multi is not None else (2 if args.quick else 4)
+    args.auxk = args.auxk and not args.quick
+    archs = [a for a in args.archs.split(",") if a]
+    unknown = set(archs) - set(ARCHITECTURES)
+    if unknown:
+        raise SystemExit(f"unknown architectures {sorted(unknown)}; known: {sorted(ARCHITECTURES)}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    auto = resolve_autocast("auto", torch.device("cpu"))
+    auto_s = "bf16" if auto is not None else "fp32"
+    precs = {"none": [("fp32", None)], "bf16": [("bf16", torch.bfloat16)],
+             "both": [("fp32", None), ("bf16", torch.bfloat16)]}[args.autocast]
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE="
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE', '')!r}; shape d_model {D_MODEL}, d_sae {D_SAE}, k {K}, "
+          f"batch {BATCH}; {args.warmup} warm-up + {args.rounds} timed rounds", flush=True)
+    lines = []
+    if args.rounds > 0:
+        data = cache_data(args.cache, 4) if args.cache else synthetic_data(4)
+        print(f"data: {data.source}", flush=True)
+        results, multi = {}, {}
+        for prec, dt in precs:
+            results[prec] = run_precision(dt, archs, data, args)
+            if args.n_multi > 0:
+                multi[prec] = run_multi(dt, args.n_multi, data, args)
+        lines += report(results, multi, archs, auto_s, args.n_multi)
+    if args.nmse_steps > 0:
+        lines += [""] + nmse_check(args, [a for a in args.nmse_archs.split(",") if a])
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Across trained SAEs: Pareto frontiers, the tokenized convergence speed-up, and lookup drift
+(Tokenized SAEs, Sec. 4.3, Fig. 7–8).
+
+Inputs are what ``train`` writes: each SAE's ``eval.json`` dict (held-out ``nmse``, ``l0``,
+``ce_added``, ``architecture``, ``tokenized``, ``d_sae``, ``k``, ``sparsity_coeff``, ``seed``) and its
+``metrics.jsonl`` rows (``tokens``, ``heldout_nmse``, ``heldout_ce_added`` when logged).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.analysis.plots import _save
+
+
+def pareto_front(l0: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of the points not dominated in (lower L0, lower y), sorted by L0.
+
+    A point is dominated when another has L0 ≤ and y ≤ with one strict. l0, y: float [n]; NaNs are skipped.
+    """
+    idx = [i for i in np.argsort(l0, kind="stable") if not (math.isnan(l0[i]) or math.isnan(y[i]))]
+    front, best = [], math.inf
+    for i in idx:
+        if y[i] < best:
+            front.append(i)
+            best = y[i]
+    return np.array(front, dtype=np.int64)
+
+
+def group_key(r: dict) -> str:
+    """Frontier family of an SAE: ``<architecture>[ tokenized]``."""
+    return f"{r['architecture']}{' tokenized' if r['tokenized'] else ''}"
+
+
+@dataclass
+class Frontier:
+    """Per family (:func:`group_key`): the SAEs' (name, L0, metric) and the indices of its Pareto front."""
+
+    metric: str
+    points: dict[str, list[tuple[str, float, float]]]
+    front: dict[str, list[int]]
+
+
+def frontiers(results: list[dict], metric: str) -> Frontier:
+    """Pareto frontiers of ``metric`` ("nmse" or "ce_added") against held-out L0, per architecture × tokenized."""
+    points: dict[str, list[tuple[str, float, float]]] = {}
+    for r in results:
+        v = r.get(metric)
+        if v is None:
+            continue
+        points.setdefault(group_key(r), []).append((r["name"], float(r["l0"]), float(v)))
+    front = {g: pareto_front(np.array([p[1] for p in ps]), np.array([p[2] for p in ps])).tolist()
+             for g, ps in points.items()}
+    return Frontier(metric, points, front)
+
+
+def plot_frontier(fr: Frontier, path, ylabel: str):
+    """Held-out metric vs L0 for every SAE (dots) and each family's Pareto front (line): lower-left is better."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (g, ps) in enumerate(sorted(fr.points.items())):
+        color = f"C{i}"
+        ls = "--" if "tokenized" in g else "-"
+        ax.scatter([p[1] for p in ps], [p[2] for p in ps], color=color, s=18, alpha=0.7)
+        f = [ps[j] for j in fr.front[g]]
+        ax.plot([p[1] for p in f], [p[2] for p in f], ls, color=color, label=g, marker="o", ms=3)
+    ax.set_xlabel("L0 (held-out)")
+    ax.set_ylabel(ylabel)
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{ylabel} vs L0 (Pareto fronts)")
+    return _save(fig, path)
+
+
+TWIN_KEYS = ("architecture", "d_sae", "k", "sparsity_coeff", "seed")
+
+
+def twins(results: list[dict]) -> list[tuple[str, str]]:
+    """(plain name, tokenized name) pairs that agree on architecture, d_sae, k / λ and seed."""
+    plain = {tuple(r.get(k) for k in TWIN_KEYS): r["name"] for r in results if not r["tokenized"]}
+    return [(plain[key], r["name"]) for r in results if r["tokenized"]
+            if (key := tuple(r.get(k) for k in TWIN_KEYS)) in plain]
+
+
+def tokens_to_reach(log: list[dict], key: str, target: float) -> float:
+    """Tokens seen at the first log row whose ``key`` is ≤ ``target`` (linear interpolation between
+    rows); NaN if never reached. log: rows with ``tokens`` and ``key``, in training order."""
+    rows = [(r["tokens"], r[key]) for r in log if key in r and r[key] is not None]
+    prev = None
+    for t, v in rows:
+        if v <= target:
+            if prev is None or prev[1] == v:
+                return float(t)
+            t0, v0 = prev
+            return float(t0 + (t - t0) * (v0 - target) / (v0 - v))
+        prev = (t, v)
+    return math.nan
+
+
+@dataclass
+class Convergence:
+    """For one plain/tokenized pair and one metric: the plain SAE's final value, the tokens each SAE
+    needed to reach it, and speed-up = plain tokens / tokenized tokens (paper Sec. 4.3: 6–10×)."""
+
+    plain: str
+    tokenized: str
+    metric: str
+    target: float
+    plain_tokens: float
+    tokenized_tokens: float
+    speedup: float
+
+
+def convergence(plain: str, tok: str, logs: dict[str, list[dict]], key: str) -> Convergence | None:
+    """Convergence speed-up on ``key`` ("heldout_nmse" or "heldout_ce_added"); None without logged values.
+
+    Target = the plain SAE's final logged value; plain tokens = where the plain SAE first reaches it.
+    """
+    pl = [r for r in logs.get(plain, []) if r.get(key) is not None]
+    tl = [r for r in logs.get(tok, []) if r.get(key) is not None]
+    if not pl or not tl:
+        return None
+    target = float(pl[-1][key])
+    tp = tokens_to_reach(pl, key, target)
+    tt = tokens_to_reach(tl, key, target)
+    return Convergence(plain, tok, key, target, tp, tt, tp / tt if tt and not math.isnan(tt) else math.nan)
+
+
+def plot_convergence(pairs: list[tuple[str, str]], logs: dict[str, list[dict]], key: str, ylabel: str, path):
+    """Held-out metric against training tokens for each plain SAE (solid) and its tokenized twin (dashed);
+    the dotted line is the plain SAE's final value, which the tokenized one reaches earlier."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for i, (p, t) in enumerate(pairs):
+        for name, ls in ((p, "-"), (t, "--")):
+            rows = [r for r in logs.get(name, []) if r.get(key) is not None]
+            ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], ls, color=f"C{i}", label=name)
+        rows = [r for r in logs.get(p, []) if r.get(key) is not None]
+        if rows:
+            ax.axhline(rows[-1][key], color=f"C{i}", ls=":", lw=0.8)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title(f"{ylabel} during training: plain vs tokenized")
+    return _save(fig, path)
+
+
+@dataclass
+class LookupDrift:
+    """How far a trained lookup moved from its α·unigram start, over tokens with a lookup row.
+
+    cosine: float [n_rows] cos(W_lookup[t], unigram[t]); rel_change: ‖W_lookup[t] − α·unigram[t]‖ / ‖α·unigram[t]‖;
+    tokens: int64 [n_rows] ids; seen: bool [n_rows], whether the token occurs in the cache.
+    """
+
+    tokens: np.ndarray
+    cosine: np.ndarray
+    rel_change: np.ndarray
+    seen: np.ndarray
+    alpha: float
+
+    def summary(self) -> dict:
+        s = self.seen
+        return {"alpha": self.alpha, "rows": int(len(self.tokens)), "seen": int(s.sum()),
+                "mean_cos_seen": float(self.cosine[s].mean()) if s.any() else math.nan,
+                "median_rel_change_seen": float(np.median(self.rel_change[s])) if s.any() else math.nan,
+                "mean_cos_unseen": float(self.cosine[~s].mean()) if (~s).any() else math.nan}
+
+
+def lookup_drift(lookup: torch.Tensor, unigram: torch.Tensor, alpha: float, token_counts: np.ndarray,
+                 index: torch.Tensor | None = None, lookup_rows: int = 0) -> LookupDrift:
+    """Similarity of a trained lookup to its initialisation (paper Sec. 4.1 / 5).
+
+    lookup: [d_vocab, d_model] (``sae.lookup_table()``: zeros for tokens without a row); unigram: float32
+    [d_vocab, d_model] (the cache's table, raw units); alpha: the init scale; token_counts: int [d_vocab];
+    index, lookup_rows: ``sae.lookup_index`` and ``sae.params.lookup_rows`` for a truncated table (only tokens
+    with their own row are compared).
+    """
+    lookup, unigram = lookup.float().cpu(), unigram.float().cpu()
+    if index is not None and lookup_rows > 0:
+        tokens = torch.nonzero(index.cpu() < lookup_rows).flatten()
+    else:
+        tokens = torch.arange(lookup.shape[0])
+    lk, un = lookup[tokens], unigram[tokens]
+    cos = torch.nn.functional.cosine_similarity(lk, un, dim=1, eps=1e-12)
+    rel = (lk - alpha * un).norm(dim=1) / (alpha * un).norm(dim=1).clamp_min(1e-12)
+    seen = torch.from_numpy(np.asarray(token_counts) > 0)[tokens]
+    return LookupDrift(tokens.numpy(), cos.numpy(), rel.numpy(), seen.numpy(), alpha)
+
+
+def plot_lookup_drift(drifts: dict[str, LookupDrift], path):
+    """Histogram of cos(trained lookup row, unigram activation) for tokens seen in training, per tokenized SAE:
+    near 1 means the lookup stayed a unigram table."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for name, d in drifts.items():
+        ax.hist(d.cosine[d.seen], bins=50, range=(-1, 1), histtype="step", label=name)
+    ax.set_xlabel("cos(W_lookup[t], unigram[t]), tokens seen")
+    ax.set_ylabel("tokens")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+    ax.set_title("trained lookup vs its unigram initialisation")
+    return _save(fig, path)
