@@ -228,7 +228,11 @@ class TrainConfig:
     ce_eval_seqs: int = 16
     """Held-out sequences for the CE-loss evaluation (0 = no CE evaluation, no LM loaded)."""
     ce_every: int = 0
-    """Also log held-out CE added every this many steps (0 = only at the end)."""
+    """Also log held-out CE added every this many steps, a multiple of ``log_every`` (0 = only at the end)."""
+    ce_autocast: str = "auto"
+    """Mixed precision of the LM's forward passes in the CE evaluation (the SAE reconstruction stays float32):
+    "none", "bf16", "fp16" or "auto" (as ``autocast``). On the demo's CPU bf16 ran the SmolLM2 forward 3.8x
+    faster with clean CE within 5e-4 nats of float32."""
     workers: int = 0
     """0: every SAE in this process. N > 0: split the SAEs into N groups on a local dask.distributed
     cluster of N worker processes (one GPU each when present); every group reads the shared cache."""
@@ -251,14 +255,18 @@ class TrainConfig:
             raise ConfigError(f"train.adam_betas={self.adam_betas}: give two values in [0, 1), e.g. [0.9, 0.999]")
         if self.b_dec_init not in ("mean", "geometric_median"):
             raise ConfigError(f"train.b_dec_init={self.b_dec_init!r}: use \"mean\" or \"geometric_median\"")
-        if self.autocast not in ("auto", "none", "bf16", "fp16"):
-            raise ConfigError(f"train.autocast={self.autocast!r}: use auto, none, bf16 or fp16")
+        for key in ("autocast", "ce_autocast"):
+            if getattr(self, key) not in ("auto", "none", "bf16", "fp16"):
+                raise ConfigError(f"train.{key}={getattr(self, key)!r}: use auto, none, bf16 or fp16")
         if not 0 <= self.lr_final_frac <= 1:
             raise ConfigError(f"train.lr_final_frac={self.lr_final_frac} must be in [0, 1]")
         for key in ("warmup_steps", "sparsity_warmup_steps", "checkpoint_every", "ce_eval_seqs", "ce_every",
                     "workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0")
+        if self.ce_every and self.ce_every % self.log_every:
+            raise ConfigError(f"train.ce_every={self.ce_every} must be a multiple of train.log_every={self.log_every}: "
+                              "CE added is logged with the held-out metrics at log steps")
         if self.grad_clip < 0:
             raise ConfigError("train.grad_clip must be >= 0 (0 = off)")
         if self.buffer_tokens < self.batch_size:
@@ -297,6 +305,9 @@ class AnalyzeConfig:
     eval_tokens: int = 50_000
     """Held-out tokens encoded for the per-token analyses."""
     device: str = "auto"
+    lm_autocast: str = "auto"
+    """Mixed precision of the LM's forward passes in the analyses that rerun it (suffix_length): "none",
+    "bf16", "fp16" or "auto" (bf16 on CUDA and on CPUs with fast bf16 matmuls); SAEs stay float32."""
     scheduler: str = ""
     """dask.distributed scheduler address for the token-level statistics (empty: local scheduler);
     ``cli.py analyze --scheduler ADDRESS`` sets it."""
@@ -328,6 +339,8 @@ class AnalyzeConfig:
         bad = [a for a in self.analyses if a not in ANALYSES]
         if bad:
             raise ConfigError(f"analyze.analyses has unknown entries {bad}; available: {list(ANALYSES)}")
+        if self.lm_autocast not in ("auto", "none", "bf16", "fp16"):
+            raise ConfigError(f"analyze.lm_autocast={self.lm_autocast!r}: use auto, none, bf16 or fp16")
         _positive(self, "top_n", "n_freq_bins", "eval_tokens", "meta_sae_k", "meta_sae_epochs", "suffix_latents",
                   "max_suffix_len", "final_token_samples", "position_seqs", "browser_latents", "browser_examples",
                   "stitching_tokens")

@@ -168,6 +168,16 @@ class Context:
 
         return load_cache_model(self.cache, self.device)
 
+    def lm_autocast(self):
+        """Context for the LM's forward passes: ``analyze.lm_autocast`` mixed precision (SAE calls inside are
+        run in float32 by the callers that need it)."""
+        import contextlib
+
+        from pipeline.training import resolve_autocast
+
+        dt = resolve_autocast(self.cfg.analyze.lm_autocast, self.device)
+        return torch.autocast(self.device.type, dt) if dt is not None else contextlib.nullcontext()
+
     def firing_freq(self, name: str) -> np.ndarray:
         """float [d_sae]: held-out firing frequency saved by training, else measured on the held-out tokens."""
         p = self.sae_dirs[name] / "firing_freq.pt"
@@ -414,8 +424,10 @@ def section_suffix_length(ctx: Context) -> Section:
         if len(lats) == 0:
             continue
         contexts = F.top_contexts(ctx.cache, rows_[top.index[lats]], pos_[top.index[lats]])
-        r = F.minimal_suffix_lengths(ctx.lm, s, ctx.hook, contexts, lats, prepend_bos=ctx.cache.meta["prepend_bos"],
-                                     bos_token_id=ctx.cache.meta["bos_token_id"], max_n=a.max_suffix_len)
+        with ctx.lm_autocast():
+            r = F.minimal_suffix_lengths(ctx.lm, s, ctx.hook, contexts, lats,
+                                         prepend_bos=ctx.cache.meta["prepend_bos"],
+                                         bos_token_id=ctx.cache.meta["bos_token_id"], max_n=a.max_suffix_len)
         res[n] = r
         sm = r.summary()
         table.append([n, s.params.tokenized, sm["n"], *[_fmt(sm.get(k, math.nan)) for k in
@@ -476,14 +488,15 @@ def section_browser(ctx: Context) -> Section:
     examples = {}
     for n, s in tqdm(ctx.saes.items(), desc="feature browser", leave=False):
         examples[n] = top_examples(s, ctx.cache, ctx.hook, ctx.held_chunks, latents=a.browser_latents,
-                                   k_examples=a.browser_examples, exclude_bos=ctx.cfg.train.exclude_bos)
+                                   k_examples=a.browser_examples, exclude_bos=ctx.cfg.train.exclude_bos,
+                                   max_tokens=a.eval_tokens)
     write_browser(examples, ctx.tokenizer, ctx.out / "browser",
                           header_lines=[f"Top-activating held-out examples at `{ctx.hook}`."])
     rows = [[n, ex.d_sae, ex.n_alive, len(ex.latents)] for n, ex in examples.items()]
     return Section("browser", "Feature browser: top-activating examples", [
         f"Static HTML: [browser/index.html](browser/index.html). For {a.browser_latents} latents per SAE (half the first "
-        f"alive latents by index, half the most frequent), the {a.browser_examples} top-activating held-out contexts "
-        "with the token marked and its activation."],
+        f"alive latents by index, half the most frequent), the {a.browser_examples} top-activating contexts among "
+        f"{a.eval_tokens:,} held-out tokens, with the token marked and its activation."],
         [Table("Browser pages", ["SAE", "d_sae", "alive latents (held-out)", "latents shown"],
                rows)], [],
         {n: {"alive": ex.n_alive, "shown": len(ex.latents)} for n, ex in examples.items()})
@@ -639,10 +652,11 @@ def section_stitching(ctx: Context) -> Section:
 
 
 def meta_sae_targets(ctx: Context) -> list[str]:
-    """SAEs to decompose with a meta-SAE: the first plain/tokenized twin pair, else the largest SAE."""
+    """SAEs to decompose with a meta-SAE: a plain/tokenized twin pair (TopK first), else the largest SAE."""
     from pipeline.analysis.frontiers import twins
 
     pairs = twins(list(ctx.evals.values()))
+    pairs.sort(key=lambda pt: ctx.saes[pt[0]].params.architecture != "topk" if pt[0] in ctx.saes else True)
     for p, t in pairs:
         if p in ctx.saes and t in ctx.saes:
             return [p, t]

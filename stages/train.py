@@ -9,6 +9,7 @@ into groups trained on the workers of a dask.distributed cluster, each reading t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,7 +36,7 @@ HELDOUT_TOKENS = 65_536
 """Held-out tokens for the final evaluation (the periodic log uses its first 4096)."""
 CHECKPOINT = "checkpoint"
 RUN_KEYS_IGNORED_FOR_RESUME = ("resume", "checkpoint_every", "device", "workers", "scheduler", "log_every",
-                               "ce_every", "ce_eval_seqs", "compile")
+                               "ce_every", "ce_eval_seqs", "ce_autocast", "compile")
 """[train] keys that may change between an interrupted run and its resumption."""
 
 
@@ -259,8 +260,18 @@ class CEEvaluator:
         self.exclude_bos = cfg.train.exclude_bos
         self.tokens = cache_tokens(cache, held_chunks, cfg.train.ce_eval_seqs)
         self.lm = load_cache_model(cache, device)
+        self.device = torch.device(device)
+        self.autocast = resolve_autocast(cfg.train.ce_autocast, self.device)
+        self.baseline: list | None = None  # clean activations and clean / zero-ablated CE: computed once
+        self.last: tuple[int, dict] | None = None  # (step, result) of the latest run
 
     def run(self, trainer: MultiTrainer) -> dict:
+        """:meth:`evaluate`, reusing the result when the trainer has not stepped since."""
+        if self.last is None or self.last[0] != trainer.step_count:
+            self.last = (trainer.step_count, self.evaluate(trainer))
+        return self.last[1]
+
+    def evaluate(self, trainer: MultiTrainer) -> dict:
         """{name: {ce_spliced, ce_added, ce_recovered}, "_clean", "_zero", "_n_seq"} on the held-out tokens."""
         from pipeline.evaluation import ce_losses
 
@@ -268,15 +279,18 @@ class CEEvaluator:
             def f(acts: torch.Tensor, toks: torch.Tensor) -> torch.Tensor:
                 dev = sae.W_dec.device
                 x = acts.reshape(-1, acts.shape[-1]).to(dev, torch.float32) * self.scale
-                with torch.no_grad():
+                with torch.no_grad(), torch.autocast(dev.type, enabled=False):
                     x_hat = sae(x, toks.reshape(-1).to(dev)).x_hat / self.scale
                 return x_hat.reshape(acts.shape).to(acts.device, acts.dtype)
             return f
 
         for m in trainer.members:
             m.sae.eval()
-        res = ce_losses(self.lm, self.tokens, self.hook, {m.name: recon(m.sae) for m in trainer.members},
-                        exclude_bos=self.exclude_bos, progress=False)
+        amp = torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
+        with amp:
+            res = ce_losses(self.lm, self.tokens, self.hook, {m.name: recon(m.sae) for m in trainer.members},
+                            exclude_bos=self.exclude_bos, progress=False, baseline=self.baseline)
+        self.baseline = res["baseline"]
         return {**res["per_sae"], "_clean": res["ce_clean"], "_zero": res["ce_zero_ablated"], "_n_seq": res["n_seq"]}
 
 

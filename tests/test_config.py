@@ -46,3 +46,8 @@ def test_override_without_equals_is_refused():
 def test_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.toml")
+
+
+def test_ce_every_must_fall_on_log_steps():
+    with pytest.raises(ConfigError, match="multiple of train.log_every"):
+        load_config(TINY, ["train.ce_every=7"])

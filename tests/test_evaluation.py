@@ -192,3 +192,15 @@ def test_cache_model_mismatch_and_missing_model_are_clear_errors(tiny_cache, off
         load_cache_model(gone, "cpu")
     with pytest.raises(ModelLoadError, match="no model name"):
         load_cache_model(dataclasses.replace(cache, meta=dict(cache.meta, model="")), "cpu")
+
+
+def test_reused_baseline_gives_the_same_losses(ev):
+    recon = {"noisy": _noisy, "sae": sae_reconstructor(ev["sae"])}
+    again = ce_losses(ev["lm"], ev["tokens"], ev["hook"], recon, batch_size=BATCH, progress=False,
+                      baseline=ev["res"]["baseline"])
+    assert again["ce_clean"] == ev["res"]["ce_clean"] and again["ce_zero_ablated"] == ev["res"]["ce_zero_ablated"]
+    for name in recon:
+        assert again["per_sae"][name]["ce_spliced"] == pytest.approx(ev["res"]["per_sae"][name]["ce_spliced"], rel=1e-6)
+    with pytest.raises(ValueError, match="baseline"):
+        ce_losses(ev["lm"], ev["tokens"], ev["hook"], recon, batch_size=1, progress=False,
+                  baseline=ev["res"]["baseline"])

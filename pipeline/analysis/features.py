@@ -395,7 +395,8 @@ def _latent_at_last(lm, sae, hook: str, seqs: list[np.ndarray], latents: np.ndar
         h = run_hooks(lm, toks.to(dev_lm), [hook])[hook]
         last = torch.as_tensor(lens[idx] - 1, device=h.device)
         x = h[torch.arange(len(idx), device=h.device), last].to(dev, sae.W_dec.dtype)
-        f = sae.encode(x).float()
+        with torch.autocast(dev.type, enabled=False):  # the LM may run under autocast; the SAE in float32
+            f = sae.encode(x).float()
         lat = torch.as_tensor(latents[idx], device=dev)
         out[idx] = f[torch.arange(len(idx), device=dev), lat].cpu().numpy()
     return out

@@ -114,20 +114,28 @@ class SparseCode(NamedTuple):
         return self._replace(vals=self.vals * keep)
 
 
-class ForwardOutput(NamedTuple):
+class ForwardOutput:
     """One forward pass.
 
     x_hat [batch, d_model]; latents: f [batch, d_sae] dense (for sparse-code architectures built from
-    the code, differentiable); mse: 0-d, mean over the batch of ||x - x̂||² summed over d_model;
-    loss: 0-d, what training minimises (mse + the architecture's terms, unless it says otherwise);
-    terms: the architecture's weighted auxiliary terms by name (0-d tensors), for logging.
+    the code on first access, differentiable; a training step that does not read it never allocates
+    it); mse: 0-d, mean over the batch of ||x - x̂||² summed over d_model; loss: 0-d, what training
+    minimises (mse + the architecture's terms, unless it says otherwise); terms: the architecture's
+    weighted auxiliary terms by name (0-d tensors), for logging.
     """
 
-    x_hat: Tensor
-    latents: Tensor
-    mse: Tensor
-    loss: Tensor
-    terms: dict[str, Tensor]
+    __slots__ = ("x_hat", "_latents", "_d_sae", "mse", "loss", "terms")
+
+    def __init__(self, x_hat: Tensor, latents: Tensor | SparseCode, mse: Tensor, loss: Tensor,
+                 terms: dict[str, Tensor], d_sae: int = 0):
+        self.x_hat, self._latents, self._d_sae = x_hat, latents, d_sae
+        self.mse, self.loss, self.terms = mse, loss, terms
+
+    @property
+    def latents(self) -> Tensor:
+        if isinstance(self._latents, SparseCode):
+            self._latents = self._latents.dense(self._d_sae)
+        return self._latents
 
 
 def sq_err(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -458,15 +466,12 @@ class SAE(nn.Module):
         mse = sq_err(x, x_hat)
         terms = self.aux_terms(x, x_hat, pre, z, lookup)
         del pre
-        if isinstance(z, SparseCode):
-            f = z.dense(self.params.d_sae)
-            if self.training:
+        if self.training:
+            if isinstance(z, SparseCode):
                 self._update_firing_code(z)
-        else:
-            f = z
-            if self.training:
-                self.update_firing(f)
-        return ForwardOutput(x_hat, f, mse, self.total_loss(mse, terms), terms)
+            else:
+                self.update_firing(z)
+        return ForwardOutput(x_hat, z, mse, self.total_loss(mse, terms), terms, self.params.d_sae)
 
     def total_loss(self, mse: Tensor, terms: dict[str, Tensor]) -> Tensor:
         """What training minimises: mse + Σ terms."""

@@ -1,0 +1,43 @@
+"""Choices the analyze stage makes about which SAEs an analysis compares."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline.config import ANALYSES, ConfigError, load_config
+from stages.analyze import SECTIONS, seed_pairs, stitch_pairs
+from tests.conftest import TINY
+
+
+def _sae(arch, d_sae, k=32, tokenized=False, seed=0):
+    return SimpleNamespace(params=SimpleNamespace(architecture=arch, d_sae=d_sae, k=k, tokenized=tokenized,
+                                                  extra={"train": {"seed": seed}}))
+
+
+def test_every_configurable_analysis_has_one_section_in_config_order():
+    assert list(SECTIONS) == list(ANALYSES)
+
+
+def test_stitch_pairs_take_smallest_and_largest_of_a_family_with_the_same_seed():
+    saes = {"topk-big-s1": _sae("topk", 4608, seed=1), "topk-big": _sae("topk", 4608), "topk-mid": _sae("topk", 2304),
+            "topk-small": _sae("topk", 1152), "topk-tok": _sae("topk", 4608, tokenized=True),
+            "relu": _sae("relu", 4608), "relu-small": _sae("relu", 1152), "batchtopk": _sae("batchtopk", 4608)}
+    assert sorted(stitch_pairs(saes)) == [("relu-small", "relu"), ("topk-small", "topk-big")]
+    assert stitch_pairs({"a": _sae("topk", 4608), "b": _sae("topk", 4608, seed=1)}) == []
+
+
+def test_seed_pairs_differ_only_in_seed():
+    ev = {"a": {"architecture": "topk", "tokenized": False, "d_sae": 8, "k": 4, "seed": 0},
+          "b": {"architecture": "topk", "tokenized": False, "d_sae": 8, "k": 4, "seed": 1},
+          "c": {"architecture": "topk", "tokenized": True, "d_sae": 8, "k": 4, "seed": 1},
+          "d": {"architecture": "topk", "tokenized": False, "d_sae": 16, "k": 4, "seed": 1}}
+    assert seed_pairs(ev) == [("a", "b")]
+
+
+@pytest.mark.parametrize("override,match", [("analyze.stitching_threshold=1.5", "stitching_threshold"),
+                                            ("analyze.meta_sae_epochs=0", "meta_sae_epochs"),
+                                            ("analyze.lm_autocast='fp8'", "lm_autocast"),
+                                            ("analyze.analyses=['ngrams','nope']", "nope")])
+def test_bad_analyze_settings_are_refused_at_load(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(TINY, [override])
