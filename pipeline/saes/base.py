@@ -205,16 +205,40 @@ def _dense_pre_acts(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> T
     return torch.addmm(b_enc, xc.reshape(-1, xc.shape[-1]), W_enc).reshape(*xc.shape[:-1], W_enc.shape[1])
 
 
+_PRE_BUFFERS: dict[tuple, Tensor] = {}
+
+
+def _pre_buffer(shape: tuple[int, int], dtype: torch.dtype) -> Tensor:
+    """A reusable CPU buffer for :class:`_SparsePre`'s output (at most 4 kept: SAEs of several sizes in one run)."""
+    key = (shape, dtype)
+    buf = _PRE_BUFFERS.get(key)
+    if buf is None:
+        if len(_PRE_BUFFERS) >= 4:
+            _PRE_BUFFERS.pop(next(iter(_PRE_BUFFERS)))
+        buf = _PRE_BUFFERS[key] = torch.empty(shape, dtype=dtype)
+    return buf
+
+
 class _SparsePre(torch.autograd.Function):
     """pre = (x - b_dec) · W_enc + b_enc [batch, d_sae] whose entries are meant to be read through
     :func:`gather_pre` (which differentiates them sparsely). Used densely, its backward is the dense formula."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor) -> Tensor:
+    def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, reuse: bool = False) -> Tensor:
         xc = x - b_dec
         ctx.save_for_backward(xc, W_enc)
         ctx.sparse_inputs = (x, b_dec, W_enc, b_enc, xc)
-        return torch.addmm(b_enc, xc, W_enc)
+        if not reuse or x.device.type != "cpu":
+            return torch.addmm(b_enc, xc, W_enc)
+        # SAE.forward in training: on the CPU the [batch, d_sae] result (tens of MB) would be a fresh mmap
+        # every step, whose first-touch page faults cost up to tens of ms; nothing reads pre after the forward
+        # that made it (the backward needs xc and W_enc only, gather_pre copies its values), so one buffer is
+        # reused. (Reading an older pre after a newer forward raises, never reads wrong values.)
+        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.result_type(xc, W_enc)
+        out = _pre_buffer((xc.shape[0], W_enc.shape[1]), dt)
+        with torch.autocast("cpu", enabled=False):
+            torch.addmm(b_enc.to(dt), xc.to(dt), W_enc.to(dt), out=out)
+        return out.view(out.shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -223,7 +247,7 @@ class _SparsePre(torch.autograd.Function):
         g_x = g @ W_enc.to(g.dtype).T if ctx.needs_input_grad[0] else None
         g_b_dec = -(W_enc @ g_b_enc) if ctx.needs_input_grad[1] else None
         g_W = xc.to(g.dtype).T @ g if ctx.needs_input_grad[2] else None
-        return g_x, g_b_dec, g_W, g_b_enc
+        return g_x, g_b_dec, g_W, g_b_enc, None
 
 
 class _GatherPre(torch.autograd.Function):
@@ -399,10 +423,10 @@ class SAE(nn.Module):
         self.b_dec.copy_(centre)
 
     # -- forward ------------------------------------------------------------------------------
-    def pre_acts(self, x: Tensor) -> Tensor:
+    def pre_acts(self, x: Tensor, _reuse: bool = False) -> Tensor:
         """(x - b_dec) · W_enc + b_enc: [batch, d_sae]."""
         if self.sparse_pre and torch.is_grad_enabled() and x.dim() == 2:
-            return _SparsePre.apply(x, self.b_dec, self.W_enc, self.b_enc)
+            return _SparsePre.apply(x, self.b_dec, self.W_enc, self.b_enc, _reuse)
         return _dense_pre_acts(x, self.b_dec, self.W_enc, self.b_enc)
 
     def activate(self, pre: Tensor) -> Tensor | SparseCode:
@@ -459,7 +483,7 @@ class SAE(nn.Module):
 
     def forward(self, x: Tensor, tokens: Tensor | None = None) -> ForwardOutput:
         """Encode, decode, and the training loss of x [batch, d_model] (tokens [batch] if tokenized)."""
-        pre = self.pre_acts(x)
+        pre = self.pre_acts(x, _reuse=self.training)
         z = self.activate(pre)
         lookup = self.lookup(tokens)
         x_hat = self.decode_sae(z) + self.b_dec + lookup
