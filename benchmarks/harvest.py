@@ -58,7 +58,7 @@ import zarr  # noqa: E402
 from pipeline import __version__  # noqa: E402
 from pipeline import cache as cache_mod  # noqa: E402
 from pipeline import models as models_mod  # noqa: E402
-from pipeline.cache import FORMAT_VERSION, CacheWriter, auto_seq_chunk  # noqa: E402
+from pipeline.cache import FORMAT_VERSION, CacheWriter, auto_seq_chunk, describe_codecs  # noqa: E402
 from pipeline.corpus import iter_texts, resolve_source, token_windows  # noqa: E402
 from pipeline.models import check_hooks, load_model, run_hooks  # noqa: E402
 
@@ -277,18 +277,6 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'array':<8} {'bytes/token':>12} {'raw bytes/token':>16} {'compression':>12}")
         print(f"{'acts':<8} {acts_stored / written:>12.1f} {raw_acts:>16d} {raw_acts * written / acts_stored:>11.3f}x")
         print(f"{'tokens':<8} {tok_stored / written:>12.2f} {4:>16d} {4 * written / tok_stored:>11.3f}x")
-
-
-def describe_codecs(arr) -> str:
-    """Short text for an array's compressors, e.g. ``blosc zstd clevel 1 shuffle``."""
-    parts = []
-    for c in arr.compressors:
-        if hasattr(c, "cname"):
-            parts.append(f"blosc {getattr(c.cname, 'value', c.cname)} clevel {c.clevel} "
-                         f"{getattr(c.shuffle, 'value', c.shuffle)}")
-        else:
-            parts.append(type(c).__name__)
-    return " + ".join(parts) or "uncompressed"
 
 
 def _rmtree(path: str) -> None:

@@ -81,7 +81,7 @@ import zarr  # noqa: E402
 from zarr.codecs import BloscCodec, ZstdCodec  # noqa: E402
 
 from pipeline import cache as cache_mod  # noqa: E402
-from pipeline.cache import CHUNK_BYTES, FORMAT_VERSION, Cache, CacheWriter, auto_seq_chunk  # noqa: E402
+from pipeline.cache import CHUNK_BYTES, FORMAT_VERSION, Cache, CacheWriter, auto_seq_chunk, describe_codecs  # noqa: E402
 from pipeline.reader import ActivationReader, n_chunks, read_chunk  # noqa: E402
 from pipeline.saes import SAEParams  # noqa: E402
 from pipeline.saes.topk import TopKSAE  # noqa: E402
@@ -441,18 +441,6 @@ def open_or_build(args: argparse.Namespace, tmp: str) -> tuple[Cache, str]:
     tok = cache.n_seq * cache.context_size
     return cache, (f"synthetic cache {'(kept) ' if args.cache else ''}{path}: written by CacheWriter in "
                    f"{secs:.1f} s ({tok / secs:.0f} tok/s)")
-
-
-def describe_codecs(arr) -> str:
-    """Short text for an array's compressors, e.g. ``blosc lz4 clevel 5 bitshuffle``."""
-    parts = []
-    for c in arr.compressors:
-        if hasattr(c, "cname"):
-            parts.append(f"blosc {getattr(c.cname, 'value', c.cname)} clevel {c.clevel} "
-                         f"{getattr(c.shuffle, 'value', c.shuffle)}")
-        else:
-            parts.append(type(c).__name__)
-    return " + ".join(parts) or "uncompressed"
 
 
 def read_rounds(args: argparse.Namespace, cache: Cache, hook: str) -> None:

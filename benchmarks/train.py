@@ -59,7 +59,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import math
 import os
 import statistics
 import sys

@@ -84,6 +84,18 @@ def codec() -> BloscCodec:
     return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
+def describe_codecs(arr) -> str:
+    """Short text for an array's compressors, e.g. ``blosc lz4 clevel 5 bitshuffle``."""
+    parts = []
+    for c in arr.compressors:
+        if hasattr(c, "cname"):
+            parts.append(f"blosc {getattr(c.cname, 'value', c.cname)} clevel {c.clevel} "
+                         f"{getattr(c.shuffle, 'value', c.shuffle)}")
+        else:
+            parts.append(type(c).__name__)
+    return " + ".join(parts) or "uncompressed"
+
+
 def tokens_codec() -> BloscCodec:
     """Compression for the ``tokens`` array: Blosc zstd level 1 with byte shuffle (int32 ids: ~3x; 4 bytes a
     token, so its read speed does not matter next to the activations)."""

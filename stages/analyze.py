@@ -19,7 +19,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import click
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -147,12 +146,10 @@ class Context:
     def unigram(self) -> torch.Tensor:
         return self.cache.unigram(self.hook)
 
-    @cached_property
+    @property
     def top(self) -> dict:
-        """{name: :class:`pipeline.analysis.features.TopActivations`} on the held-out tokens."""
-        from pipeline.analysis.features import top_activations
-
-        return {n: top_activations(s, self.heldout[0]) for n, s in self.saes.items()}
+        """{name: :class:`pipeline.analysis.features.TopActivations`} on the held-out tokens (from :attr:`errors`)."""
+        return {n: e.top for n, e in self.errors.items()}
 
     @cached_property
     def positions(self) -> tuple[np.ndarray, np.ndarray]:
@@ -183,10 +180,7 @@ class Context:
         p = self.sae_dirs[name] / "firing_freq.pt"
         if p.is_file():
             return torch.load(p).numpy()
-        x, _ = self.heldout
-        with torch.no_grad():
-            f = torch.cat([self.saes[name].encode(x[s:s + 4096]) for s in range(0, len(x), 4096)])
-        return (f != 0).float().mean(0).cpu().numpy()
+        return self.top[name].freq
 
 
 # ---------------------------------------------------------------------------------------------------

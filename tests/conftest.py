@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,12 @@ def tiny_lm(tsae_home):
     from pipeline.models import load_model
 
     return load_model("tiny-gpt2", "cpu")
+
+
+def brute_ngrams(tokens, n: int) -> Counter:
+    """Every n-gram within each row of ``tokens`` [rows, context], counted by a plain loop (the reference)."""
+    c = Counter()
+    for row in tokens:
+        for i in range(len(row) - n + 1):
+            c[tuple(int(x) for x in row[i:i + n])] += 1
+    return c

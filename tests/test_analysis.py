@@ -1,22 +1,14 @@
-from collections import Counter
-
 import dask.array as da
 import numpy as np
 import torch
 
+from pipeline.analysis.features import top_activations
 from pipeline.analysis.ngrams import count_ngrams, top_table, unigram_counts
 from pipeline.analysis.reconstruction import by_frequency, frequency_bins, token_errors
 from pipeline.analysis.unigram_features import unigram_feature_counts
 from pipeline.saes import SAEParams
 from pipeline.saes.topk import TopKSAE
-
-
-def _brute(tokens: np.ndarray, n: int) -> Counter:
-    c = Counter()
-    for row in tokens:
-        for i in range(len(row) - n + 1):
-            c[tuple(int(x) for x in row[i:i + n])] += 1
-    return c
+from tests.conftest import brute_ngrams
 
 
 def test_ngram_counts_equal_brute_force_across_chunks():
@@ -27,7 +19,7 @@ def test_ngram_counts_equal_brute_force_across_chunks():
     arr = da.from_array(tokens, chunks=(6, 11))
     for n in (1, 2, 3):
         c = count_ngrams(arr, n, V)
-        brute = _brute(tokens, n)
+        brute = brute_ngrams(tokens, n)
         got = {c.decode(code): int(k) for code, k in zip(c.codes, c.counts)}
         assert got == dict(brute)
         assert c.total == sum(brute.values()) and (np.diff(c.counts) <= 0).all()
@@ -64,6 +56,10 @@ def test_token_errors_and_unigram_feature_counts_by_hand():
     np.testing.assert_allclose(e.mse, ((out.x_hat - x) ** 2).sum(-1).detach().numpy(), rtol=1e-5)
     np.testing.assert_allclose(e.max_act, out.latents.amax(0).detach().numpy(), rtol=1e-6)
     assert (e.l0 <= 2).all()
+    t = top_activations(sae, x, batch_size=4)  # the same statistics from a separate encode pass
+    np.testing.assert_array_equal(e.top.index, t.index)
+    np.testing.assert_allclose(e.top.value, t.value, rtol=1e-6)
+    np.testing.assert_array_equal(e.top.freq, t.freq)
 
     unigram = torch.randn(13, 5)
     u = unigram_feature_counts(sae, unigram, e.max_act, threshold=0.5, batch_size=4)

@@ -24,16 +24,9 @@ from pipeline.analysis.reconstruction import bigram_frequency, by_frequency, fre
 from pipeline.cache import ATTR, FORMAT_VERSION, Cache
 from pipeline.saes import SAEParams
 from pipeline.saes.topk import TopKSAE
+from tests.conftest import brute_ngrams
 
 HOOK = "blocks.0.hook_resid_pre"
-
-
-def _brute(tokens: np.ndarray, n: int) -> Counter:
-    c = Counter()
-    for row in tokens:
-        for i in range(len(row) - n + 1):
-            c[tuple(int(x) for x in row[i:i + n])] += 1
-    return c
 
 
 def _ranked(c: Counter) -> list:
@@ -72,9 +65,9 @@ def test_ngram_counts_and_order_equal_brute_force(partitions, block_tokens, fan_
     for n in (1, 2, 3):
         c = count_ngrams(arr, n, 50, partitions=partitions, block_tokens=block_tokens, fan_in=fan_in)
         got = [(c.decode(code), int(k)) for code, k in zip(c.codes, c.counts)]
-        assert got == _ranked(_brute(tokens, n))  # counts, and the order: count desc, then code asc
+        assert got == _ranked(brute_ngrams(tokens, n))  # counts, and the order: count desc, then code asc
         assert c.codes.dtype == np.int64 and c.counts.dtype == np.int64
-        assert c.total == sum(_brute(tokens, n).values())
+        assert c.total == sum(brute_ngrams(tokens, n).values())
 
 
 def test_ngram_counts_above_the_packed_count_field(monkeypatch):
@@ -83,14 +76,14 @@ def test_ngram_counts_above_the_packed_count_field(monkeypatch):
     tokens = _tokens(1)
     for n in (2, 3):
         c = count_ngrams(da.from_array(tokens, chunks=(5, 11)), n, 50, partitions=2, block_tokens=22)
-        assert [(c.decode(x), int(k)) for x, k in zip(c.codes, c.counts)] == _ranked(_brute(tokens, n))
+        assert [(c.decode(x), int(k)) for x, k in zip(c.codes, c.counts)] == _ranked(brute_ngrams(tokens, n))
         assert c.counts[0] >= 3
 
 
 def test_count_of_and_encode():
     tokens = _tokens(2)
     c = count_ngrams(da.from_array(tokens, chunks=(10, 11)), 2, 50)
-    brute = _brute(tokens, 2)
+    brute = brute_ngrams(tokens, 2)
     a, b = np.meshgrid(np.arange(50), np.arange(50), indexing="ij")
     got = c.count_of(c.encode(a, b))
     want = np.array([[brute.get((i, j), 0) for j in range(50)] for i in range(50)])
@@ -104,7 +97,7 @@ def test_cache_tokens_array_reads_whole_stored_chunks(tmp_path):
     assert arr.chunks[0][:-1] == (8,) * (len(arr.chunks[0]) - 1) and arr.shape == (45, 16)
     for n in (1, 2, 3):
         c = count_ngrams(arr, n, 50, block_tokens=16 * 10)
-        assert [(c.decode(x), int(k)) for x, k in zip(c.codes, c.counts)] == _ranked(_brute(tokens, n))
+        assert [(c.decode(x), int(k)) for x, k in zip(c.codes, c.counts)] == _ranked(brute_ngrams(tokens, n))
     np.testing.assert_array_equal(unigram_counts(arr, 50), np.bincount(tokens.ravel(), minlength=50))
 
 
@@ -142,7 +135,7 @@ def test_ngram_counts_on_a_distributed_cluster_equal_local(tmp_path):
 def test_bigram_frequency_and_binning_match_brute_force():
     tokens = _tokens(5, shape=(30, 12), V=20)
     bg = count_ngrams(da.from_array(tokens, chunks=(7, 12)), 2, 20)
-    brute = _brute(tokens, 2)
+    brute = brute_ngrams(tokens, 2)
     held = tokens[20:]  # "held-out" rows of the same cache, BOS position dropped like exclude_bos
     prev = previous_tokens(held, drop=1).reshape(-1)
     cur = held[:, 1:].reshape(-1)

@@ -58,22 +58,38 @@ class TopActivations:
         return self.index >= 0
 
 
+class TopAccumulator:
+    """Builds a :class:`TopActivations` from latents fed batch by batch (``update(f, first_row)``)."""
+
+    def __init__(self, d_sae: int, device: torch.device):
+        self.best = torch.zeros(d_sae, device=device)
+        self.arg = torch.full((d_sae,), -1, dtype=torch.long, device=device)
+        self.fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        self.n = 0
+
+    def update(self, f: torch.Tensor, first_row: int) -> None:
+        """f [batch, d_sae]: the latents of rows first_row … first_row + batch − 1."""
+        f = f.float()
+        self.fired += (f != 0).sum(0)
+        v, i = f.max(0)
+        better = v > self.best
+        self.best = torch.where(better, v, self.best)
+        self.arg = torch.where(better, i + first_row, self.arg)
+        self.n = max(self.n, first_row + len(f))
+
+    def result(self) -> TopActivations:
+        return TopActivations(self.best.cpu().numpy(), self.arg.cpu().numpy(),
+                              self.fired.cpu().double().numpy() / max(self.n, 1), self.n)
+
+
 @torch.no_grad()
 def top_activations(sae, x: torch.Tensor, batch_size: int = 4096) -> TopActivations:
     """Per latent: max activation over x [n, d_model] (raw activations), its row, and firing frequency."""
-    m, dev = sae.params.d_sae, sae.W_dec.device
-    best = torch.zeros(m, device=dev)
-    arg = torch.full((m,), -1, dtype=torch.long, device=dev)
-    fired = torch.zeros(m, dtype=torch.long, device=dev)
+    dev = sae.W_dec.device
+    acc = TopAccumulator(sae.params.d_sae, dev)
     for s in range(0, len(x), batch_size):
-        f = sae.encode(x[s:s + batch_size].to(dev, sae.W_dec.dtype)).float()
-        fired += (f != 0).sum(0)
-        v, i = f.max(0)
-        better = v > best
-        best = torch.where(better, v, best)
-        arg = torch.where(better, i + s, arg)
-    n = len(x)
-    return TopActivations(best.cpu().numpy(), arg.cpu().numpy(), fired.cpu().double().numpy() / max(n, 1), n)
+        acc.update(sae.encode(x[s:s + batch_size].to(dev, sae.W_dec.dtype)), s)
+    return acc.result()
 
 
 def heldout_positions(cache, chunks: Sequence[int], n: int, exclude_bos: bool = True) -> tuple[np.ndarray, np.ndarray]:

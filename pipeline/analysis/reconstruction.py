@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pipeline import metrics as M
+from pipeline.analysis.features import TopAccumulator, TopActivations
 from pipeline.saes.base import SAE
 
 
@@ -23,22 +24,28 @@ class TokenErrors:
     mse: np.ndarray
     """‖x − x̂‖² per token, in raw activation units."""
     l0: np.ndarray
-    max_act: np.ndarray
-    """float32 [d_sae]: each latent's max activation over the set (for unigram thresholds)."""
+    top: TopActivations
+    """Each latent's max activation over the set, its row and firing frequency (same pass)."""
+
+    @property
+    def max_act(self) -> np.ndarray:
+        """float32 [d_sae]: each latent's max activation over the set (for unigram thresholds)."""
+        return self.top.value
 
 
 @torch.no_grad()
 def token_errors(sae: SAE, x: torch.Tensor, tokens: torch.Tensor, batch_size: int = 4096) -> TokenErrors:
-    """Encode/decode x [n, d_model] with its tokens [n]; per-token squared error and L0."""
+    """Encode/decode x [n, d_model] with its tokens [n]; per-token squared error and L0, and the latents'
+    :class:`TopActivations` from the same pass."""
     mse, l0 = [], []
-    mx = torch.zeros(sae.params.d_sae, device=x.device)
+    top = TopAccumulator(sae.params.d_sae, sae.W_dec.device)
     for s in range(0, len(x), batch_size):
         xb = x[s:s + batch_size].to(sae.W_dec.dtype)
         out = sae(xb, tokens[s:s + batch_size])
         mse.append(M.mse_per_token(xb, out.x_hat).cpu())
         l0.append(M.l0_per_token(out.latents).cpu())
-        mx = torch.maximum(mx, out.latents.amax(0))
-    return TokenErrors(torch.cat(mse).numpy(), torch.cat(l0).numpy(), mx.cpu().numpy())
+        top.update(out.latents, s)
+    return TokenErrors(torch.cat(mse).numpy(), torch.cat(l0).numpy(), top.result())
 
 
 def frequency_bins(freq: np.ndarray, n_bins: int) -> np.ndarray:
