@@ -4,32 +4,36 @@ What is measured, in one process, on the same model and the same token windows:
 
 * **bare**: ``pipeline.models.run_hooks(lm, tokens, [hook])`` over every batch (the forward stops
   after the hook's block via ``stop_at_layer``); the activations are dropped.
-* **harvest**: the same forward plus ``pipeline.cache.CacheWriter.append(tokens, acts)`` into a
-  fresh cache in a temporary directory, with the ``meta`` that ``stages/harvest.py`` builds, ending
-  with ``writer.finish()`` so every row is compressed and on disk before the clock stops. Writer
-  creation is timed too; the unigram table (a separate, one-off step of the real harvest) is not.
+* **harvest**: the same forward plus ``pipeline.cache.CacheWriter.append(tokens, acts)`` into one
+  cache in a temporary directory, with the ``meta`` that ``stages/harvest.py`` builds. As in a real
+  harvest, one writer is created before the first batch and finished after the last, and the chunk
+  writes run on its background thread while the next forwards compute.
 
-The ``--n-tokens`` windows are split into ``--rounds`` equal segments of whole batches. Round r runs
-segment r once bare and once harvested, in alternating order (bare→harvest, then harvest→bare, ...),
-so drift of a shared host cancels in the per-round ratio harvest/bare tokens/s. Two summaries:
+The windows are split into ``--rounds`` rounds; round r times ``--round-chunks`` cache chunks of
+sequences once bare and once harvested, in alternating order (bare→harvest, then harvest→bare, ...),
+so drift of a shared host cancels in the per-round ratio harvest/bare tokens/s. A harvest segment
+ends by waiting until its last chunk is written (``writer.flush()``) and that wait is charged to the
+harvest, so the background thread never runs into the next bare segment: this overstates the
+harvest's cost (in a real harvest that write overlaps the next forward), never understates it. The
+writer's creation and ``finish`` are timed once and spread over all harvested batches. Summaries:
 
-* the median of the per-round ratios (the pass-level measurement);
-* a ratio from the *median per-batch* times of each variant, with the harvest's per-pass fixed cost
-  (writer creation, the last chunk's write, ``finish``) spread over its batches; it is robust to
-  bursts of load from other processes on a small machine.
+* the median of the per-round ratios (the headline; short rounds keep each pair close in time);
+* the ratio of the summed times over all rounds;
+* a ratio from the *median per-batch* times of each variant (plus the harvest's drains and fixed cost
+  per batch), robust to bursts of load from other processes on a small machine.
 
 Target: harvest/bare >= 0.97 (compression and writing on the writer thread should hide behind the
 forward). Model load, tokenization and ``--warmup`` batches of each variant are excluded from the
-timings. The tokens are real text: ``tests/data/pydoc_topics.jsonl`` (``--dataset``) packed by
-``pipeline.corpus`` exactly like a harvest. Finally the last harvest round's cache is measured on
-disk: bytes per token of ``acts/<hook>`` (``nbytes_stored``) and its compression ratio against the
-raw dtype (and the same for ``tokens``).
+timings. The tokens are real text: the demo's ``python3-doc`` (``--dataset``) packed by
+``pipeline.corpus`` exactly like a harvest. Finally the harvested cache is measured on disk: bytes
+per token of ``acts/<hook>`` (``nbytes_stored``) and its compression ratio against the raw dtype
+(and the same for ``tokens``).
 
 Run from the repository root::
 
-    python benchmarks/harvest.py                                   # SmolLM2-135M, 4 rounds x 8192 tokens (~1 min)
-    python benchmarks/harvest.py --model tiny-gpt2 --n-tokens 4096  # quick check (hook -> blocks.1.hook_resid_pre)
-    python benchmarks/harvest.py --n-tokens 131072 --rounds 8 --dtype float32   # ~4 min on 2 CPU cores
+    python benchmarks/harvest.py                                  # SmolLM2-135M, 24 rounds x 4096 tokens (~3 min)
+    python benchmarks/harvest.py --model tiny-gpt2 --rounds 4      # quick check (hook -> blocks.1.hook_resid_pre)
+    python benchmarks/harvest.py --rounds 8 --dtype float32        # ~2 min on 2 CPU cores
 
 On a tiny model the forward is so cheap that writing dominates: only a real model's ratio means much.
 """
@@ -38,14 +42,12 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,19 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hook", default=DEFAULT_HOOK,
                    help="hook point; if the default does not exist in the model, the last block's "
                         "hook_resid_pre is used")
-    p.add_argument("--dataset", default=str(ROOT / "tests" / "data" / "pydoc_topics.jsonl"),
-                   help="text source for pipeline.corpus.resolve_source (e.g. python3-doc for more text)")
+    p.add_argument("--dataset", default="python3-doc",
+                   help="text source for pipeline.corpus.resolve_source (the demo's text; "
+                        "tests/data/pydoc_topics.jsonl has ~110K SmolLM2 tokens)")
     p.add_argument("--context", type=int, default=256, help="tokens per sequence")
     p.add_argument("--batch", type=int, default=8, help="sequences per forward")
-    p.add_argument("--n-tokens", type=int, default=32768,
-                   help="tokens per variant over all rounds (rounded up to whole batches per round)")
     p.add_argument("--dtype", choices=CACHE_DTYPES, default="float16", help="cache storage dtype")
     p.add_argument("--model-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the model computes in")
+    p.add_argument("--rounds", type=int, default=24,
+                   help="rounds; each times one bare and one harvest segment of --round-batches batches")
+    p.add_argument("--round-batches", type=int, default=2, help="batches per segment")
     p.add_argument("--seq-chunk", type=int, default=0,
-                   help="sequences per Zarr chunk (0 = what stages/harvest.py picks for a harvest of --n-tokens)")
-    p.add_argument("--rounds", type=int, default=4,
-                   help="rounds; each times one bare and one harvest pass over its own n_tokens/rounds tokens")
+                   help="sequences per Zarr chunk; must divide a segment's sequences (0 = one batch: every "
+                        "chunk write but a segment's last overlaps the next forward)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up batches of each variant")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--tmpdir", default=None, help="where the temporary caches are written (default: system temp)")
@@ -139,21 +142,8 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-@dataclass
-class PassTime:
-    """Wall-clock seconds of one pass: per batch (forward, plus ``append`` when harvesting) and the fixed
-    part outside the batches (harvest: creating the writer, ``flush`` and ``finish``; bare: 0)."""
-
-    batches: list[float]
-    fixed: float = 0.0
-
-    @property
-    def total(self) -> float:
-        return sum(self.batches) + self.fixed
-
-
-def bare_pass(lm, hook: str, batches: list[np.ndarray]) -> PassTime:
-    """The forward over every batch, activations dropped."""
+def bare_segment(lm, hook: str, batches: list[np.ndarray]) -> list[float]:
+    """The forward over every batch, activations dropped; seconds per batch."""
     dev = lm.device
     times = []
     sync(dev)
@@ -163,31 +153,30 @@ def bare_pass(lm, hook: str, batches: list[np.ndarray]) -> PassTime:
         del acts
         sync(dev)
         times.append(time.perf_counter() - t0)
-    return PassTime(times)
+    return times
 
 
-def harvest_pass(lm, hook: str, batches: list[np.ndarray], path: str, meta: dict) -> PassTime:
-    """Forward + CacheWriter over every batch into a new cache at ``path``, until it is all on disk."""
+def harvest_segment(lm, hook: str, batches: list[np.ndarray], writer: CacheWriter) -> tuple[list[float], float]:
+    """Forward + ``writer.append`` over every batch, then wait until every row is written.
+
+    Returns (seconds per batch, seconds of the final wait)."""
     dev = lm.device
     times = []
     sync(dev)
+    for tokens in batches:
+        t0 = time.perf_counter()
+        acts = run_hooks(lm, torch.from_numpy(tokens).long().to(dev), [hook])
+        writer.append(tokens, acts)  # the previous chunk's compression + write overlap this forward
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    writer.flush()
+    return times, time.perf_counter() - t0
+
+
+def timed_writer(path: str, meta: dict) -> tuple[CacheWriter, float]:
     t0 = time.perf_counter()
     writer = CacheWriter(path, meta)
-    fixed = time.perf_counter() - t0
-    try:
-        for tokens in batches:
-            t0 = time.perf_counter()
-            acts = run_hooks(lm, torch.from_numpy(tokens).long().to(dev), [hook])
-            writer.append(tokens, acts)  # compression + write of the previous chunk overlap this
-            times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        writer.flush()
-        writer.finish()
-        fixed += time.perf_counter() - t0
-    except BaseException:
-        writer.close()
-        raise
-    return PassTime(times, fixed)
+    return writer, time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,84 +185,110 @@ def main(argv: list[str] | None = None) -> None:
 
     lm = load_model(args.model, args.device, args.model_dtype)
     hook = resolve_hook(lm, args.hook)
-    if args.rounds < 1 or args.batch < 1:
-        sys.exit("error: --rounds and --batch must be >= 1")
-    # Whole batches per round, at least one.
-    batches_per_round = max(1, math.ceil(args.n_tokens / args.rounds / (args.context * args.batch)))
-    n_seq = batches_per_round * args.batch  # sequences per round (per pass)
-    n_tok = n_seq * args.context  # tokens per pass
+    if min(args.rounds, args.batch, args.round_batches) < 1:
+        sys.exit("error: --rounds, --round-batches and --batch must be >= 1")
+    seg_seq = args.round_batches * args.batch  # sequences per segment
+    if args.seq_chunk == 0:
+        args.seq_chunk = args.batch
+    if seg_seq % args.seq_chunk:
+        sys.exit(f"error: --seq-chunk {args.seq_chunk} must divide a segment's {seg_seq} sequences")
+    n_seq = seg_seq * args.rounds  # harvested sequences (and bare ones)
+    n_tok_seg = seg_seq * args.context
     warm_seq = max(1, args.warmup) * args.batch
-    batches = load_batches(lm, args.dataset, args.context, warm_seq + n_seq * args.rounds, args.batch)
+    batches = load_batches(lm, args.dataset, args.context, warm_seq + n_seq, args.batch)
     warm, batches = batches[:max(1, args.warmup)], batches[max(1, args.warmup):]
-    segments = [batches[r * batches_per_round:(r + 1) * batches_per_round] for r in range(args.rounds)]
-    meta = make_meta(lm, hook, args, n_seq, n_seq * args.rounds, resolve_source(args.dataset).describe())
+    segments = [batches[r * args.round_batches:(r + 1) * args.round_batches] for r in range(args.rounds)]
+    meta = make_meta(lm, hook, args, n_seq, n_seq, resolve_source(args.dataset).describe())
     itemsize = ITEMSIZE[args.dtype]
 
     print(f"harvest benchmark: {lm.name} @ {hook} (d_model {lm.d_model}), device {lm.device}, "
           f"model {args.model_dtype}, cache {args.dtype}, seq_chunk {meta['seq_chunk']}")
-    print(f"  {args.rounds} rounds x {n_seq} sequences x {args.context} tokens = {n_tok} tokens per pass "
-          f"({n_tok * args.rounds} per variant), batch {args.batch}, torch threads {torch.get_num_threads()}, "
+    print(f"  {args.rounds} rounds x {seg_seq} sequences x {args.context} tokens = {n_tok_seg} tokens per segment "
+          f"({n_tok_seg * args.rounds} per variant), batch {args.batch}, torch threads {torch.get_num_threads()}, "
           f"cpus {os.cpu_count()}")
 
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="tsae-bench-harvest-", dir=args.tmpdir) as tmp:
         # Warm-up (untimed): a few batches of each variant, including a throwaway writer.
         n_warm = sum(len(b) for b in warm)
-        bare_pass(lm, hook, warm)
-        harvest_pass(lm, hook, warm, os.path.join(tmp, "warmup"),
-                     dict(meta, n_seq_target=n_warm, seq_chunk=min(meta["seq_chunk"], n_warm)))
+        bare_segment(lm, hook, warm)
+        w, _ = timed_writer(os.path.join(tmp, "warmup"), dict(meta, n_seq_target=n_warm, seq_chunk=n_warm))
+        harvest_segment(lm, hook, warm, w)
+        w.finish()
         _rmtree(os.path.join(tmp, "warmup"))
 
         print()
-        print(f"{'round':>5}  {'order':<14} {'bare tok/s':>11} {'harvest tok/s':>14} {'harvest/bare':>13}")
-        runs: dict[str, list[PassTime]] = {"bare": [], "harvest": []}
-        ratios = []
-        last_cache = ""
-        for r in range(args.rounds):
-            path = os.path.join(tmp, f"round{r}")
-            order = ("bare", "harvest") if r % 2 == 0 else ("harvest", "bare")
-            for variant in order:
-                if variant == "bare":
-                    runs["bare"].append(bare_pass(lm, hook, segments[r]))
-                else:
-                    runs["harvest"].append(harvest_pass(lm, hook, segments[r], path, meta))
-            if last_cache:
-                _rmtree(last_cache)  # keep only the newest cache (for the on-disk numbers below)
-            last_cache = path
-            tb, th = runs["bare"][-1].total, runs["harvest"][-1].total
-            ratios.append(tb / th)
-            print(f"{r + 1:>5}  {'→'.join(order):<14} {n_tok / tb:>11.0f} {n_tok / th:>14.0f} {ratios[-1]:>13.3f}",
-                  flush=True)
+        print(f"{'round':>5}  {'order':<22} {'bare tok/s':>11} {'harvest tok/s':>14} {'harvest/bare':>13} "
+              f"{'bare A/B':>9} {'drain ms':>9}")
+        path = os.path.join(tmp, "cache")
+        times: dict[str, list[float]] = {"bare A": [], "bare B": [], "harvest": []}
+        per_batch: dict[str, list[float]] = {"bare": [], "harvest": []}
+        drains: list[float] = []
+        ratios, controls = [], []
+        writer, fixed = timed_writer(path, meta)
+        variants = list(times)
+        try:
+            for r in range(args.rounds):
+                order = variants[r % 3:] + variants[:r % 3]  # each variant first, middle and last in turn
+                for variant in order:
+                    if variant == "harvest":
+                        t, d = harvest_segment(lm, hook, segments[r], writer)
+                        per_batch["harvest"] += t
+                        times["harvest"].append(sum(t) + d)
+                        drains.append(d)
+                    else:
+                        t = bare_segment(lm, hook, segments[r])
+                        per_batch["bare"] += t
+                        times[variant].append(sum(t))
+                tb = (times["bare A"][-1] + times["bare B"][-1]) / 2
+                ratios.append(tb / times["harvest"][-1])
+                controls.append(times["bare B"][-1] / times["bare A"][-1])
+                print(f"{r + 1:>5}  {'→'.join(order):<22} {n_tok_seg / tb:>11.0f} "
+                      f"{n_tok_seg / times['harvest'][-1]:>14.0f} {ratios[-1]:>13.3f} {controls[-1]:>9.3f} "
+                      f"{drains[-1] * 1e3:>9.1f}", flush=True)
+            t0 = time.perf_counter()
+            writer.finish()
+            fixed += time.perf_counter() - t0
+        except BaseException:
+            writer.close()
+            raise
 
-        n_all = n_tok * args.rounds
-        sb, sh = sum(p.total for p in runs["bare"]), sum(p.total for p in runs["harvest"])
-        print(f"{'all':>5}  {'(sum of times)':<14} {n_all / sb:>11.0f} {n_all / sh:>14.0f} {sb / sh:>13.3f}")
+        n_all = n_tok_seg * args.rounds
+        sb = (sum(times["bare A"]) + sum(times["bare B"])) / 2
+        sh = sum(times["harvest"]) + fixed
+        aa = sum(times["bare A"]) / sum(times["bare B"])
+        print(f"{'all':>5}  {'(sum of times)':<22} {n_all / sb:>11.0f} {n_all / sh:>14.0f} {sb / sh:>13.3f} {aa:>9.3f}")
         # Robust to bursts of load from other processes: medians of per-batch times, plus the harvest's
-        # fixed cost per pass (writer creation, last chunk's write, finish) spread over its batches.
-        mb = statistics.median(t for p in runs["bare"] for t in p.batches)
-        mh = statistics.median(t for p in runs["harvest"] for t in p.batches)
-        fixed = statistics.median(p.fixed for p in runs["harvest"])
+        # drains and fixed cost (writer creation, finish) spread over its batches.
+        mb = statistics.median(per_batch["bare"])
+        mh = statistics.median(per_batch["harvest"])
+        extra = (sum(drains) + fixed) / len(per_batch["harvest"])
         tok_b = args.batch * args.context
-        mh_all = mh + fixed / batches_per_round
-        print(f"{'med':>5}  {'(per batch)':<14} {tok_b / mb:>11.0f} {tok_b / mh_all:>14.0f} {mb / mh_all:>13.3f}")
+        print(f"{'med':>5}  {'(per batch)':<22} {tok_b / mb:>11.0f} {tok_b / (mh + extra):>14.0f} "
+              f"{mb / (mh + extra):>13.3f}")
         med = statistics.median(ratios)
+        q = statistics.quantiles(controls, n=4) if len(controls) > 1 else [controls[0]] * 3
 
         def verdict(x: float) -> str:
             return "met" if x >= TARGET_RATIO else "NOT met"
 
         print(f"harvest/bare (target >= {TARGET_RATIO}): median over rounds {med:.3f} ({verdict(med)}); "
-              f"from median batch times {mb / mh_all:.3f} ({verdict(mb / mh_all)})")
-        print(f"  median batch: bare {mb:.3f} s, harvest {mh:.3f} s (forward + append); harvest fixed cost "
-              f"{fixed * 1e3:.0f} ms per pass (writer creation, last chunk's write, finish)")
+              f"summed times {sb / sh:.3f} ({verdict(sb / sh)}); median batch times {mb / (mh + extra):.3f}")
+        print(f"  host noise (two identical bare segments per round, B/A): median {statistics.median(controls):.3f}, "
+              f"quartiles {q[0]:.3f}..{q[2]:.3f}, summed {aa:.3f}")
+        print(f"  median batch: bare {mb:.3f} s, harvest {mh:.3f} s (forward + append); waits for the last "
+              f"chunk of a segment: median {statistics.median(drains) * 1e3:.0f} ms; writer creation + finish "
+              f"{fixed * 1e3:.0f} ms")
         print(f"  host load average {load0:.2f} at start, {os.getloadavg()[0]:.2f} at end")
 
+        last_cache = path
         g = zarr.open_group(last_cache, mode="r")
         written = int(g.attrs["tsae"]["n_seq"]) * args.context
         acts_stored = g[f"acts/{hook}"].nbytes_stored()
         tok_stored = g["tokens"].nbytes_stored()
         raw_acts = lm.d_model * itemsize
         print()
-        print(f"cache on disk (last harvest round, {written} tokens, {describe_codecs(g[f'acts/{hook}'])}):")
+        print(f"cache on disk (the harvested cache, {written} tokens, {describe_codecs(g[f'acts/{hook}'])}):")
         print(f"{'array':<8} {'bytes/token':>12} {'raw bytes/token':>16} {'compression':>12}")
         print(f"{'acts':<8} {acts_stored / written:>12.1f} {raw_acts:>16d} {raw_acts * written / acts_stored:>11.3f}x")
         print(f"{'tokens':<8} {tok_stored / written:>12.2f} {4:>16d} {4 * written / tok_stored:>11.3f}x")

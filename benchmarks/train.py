@@ -16,8 +16,11 @@ shape; the peers' "shape A"):
   at ~4,600 tok/s in the peers' run (``results-2026-11-22.txt``).
 * **N-in-one**: N TopK SAEs in one ``MultiTrainer`` (sharing every batch) against N single-SAE trainers
   stepped on the same batch: time(N-in-one) / Σ time(single) (target ≤ 1.15).
-* **tokenized overhead**: per architecture and precision, the median over rounds of
-  t(tokenized) / t(plain) - 1 (target ≤ 5%; the paper reports 3–5%).
+* **tokenized overhead** (a run of its own, ``--overhead-rounds``): per architecture and precision, a
+  plain SAE, its tokenized twin and an identical second plain SAE step in turn, the tokenized one always
+  in the middle; the median over rounds of t(tokenized) / mean(t(plain), t(plain twin)) - 1 (target
+  ≤ 5%; the paper reports 3–5%), next to the control t(plain twin) / t(plain) - 1, which is pure host
+  noise (identical work).
 
 Every variant runs one step per round, in an order rotated each round (as the peers' ``bench_train.py``),
 after ``--warmup`` untimed rounds, so drift of the shared host hits all of them alike; per variant the
@@ -49,9 +52,10 @@ Run from the repository root::
     python benchmarks/train.py --autocast none --archs topk,relu --rounds 5
     python benchmarks/train.py --autocast both --rounds 0 --nmse-steps 300 --cache runs/demo/cache
 
-The environment variable ``THP_MEM_ALLOC_ENABLE`` (PyTorch's transparent-huge-page CPU allocation) is
-left as found; ``--thp`` sets it to 1 before torch is imported (the step allocates several
-[batch, d_sae] temporaries, whose page faults are a visible cost on some hosts).
+Allocation as in ``python cli.py train``: ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's transparent-huge-page
+CPU allocation) unless the environment sets it (``--no-thp`` sets 0), and the trainer's
+``keep_freed_memory`` (glibc keeps freed memory): a step's tens of MB of temporaries otherwise
+page-fault on first touch every step, a large and erratic part of the step on this host.
 """
 
 from __future__ import annotations
@@ -67,8 +71,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-if "--thp" in sys.argv:
-    os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+# As cli.py: transparent huge pages for large CPU tensors unless the environment says otherwise.
+if "--no-thp" in sys.argv:
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
@@ -279,6 +285,43 @@ def run_precision(dtype: torch.dtype | None, archs: list[str], data: Data, args)
     return times
 
 
+def run_overhead(dtype: torch.dtype | None, archs: list[str], data: Data, args) -> dict:
+    """Per architecture: its plain SAE, the tokenized twin and a second identical plain SAE (the control),
+    one step each per round, the tokenized one always between the two plain ones (interleave's in-group
+    order reverses every other round)."""
+    prec = "bf16" if dtype is not None else "fp32"
+    entries: dict[str, Callable[[int], None]] = {}
+    keep = []
+    for arch in archs:
+        plain = make_sae(arch, False, data, seed=1)
+        for var, sae in (("plain", plain), ("tok", make_sae(arch, True, data, seed=1)),
+                         ("plain B", copy.deepcopy(plain))):
+            tr = trainer({arch: sae}, dtype)
+            keep.append(tr)
+            entries[f"{arch}/{var}"] = trainer_step(tr, data)
+    times = interleave(entries, args.warmup, args.overhead_rounds, f"tokenized overhead {prec}")
+    del keep, entries
+    gc.collect()
+    return times
+
+
+def report_overhead(results: dict[str, dict], archs: list[str], rounds: int) -> list[str]:
+    """Tokenized overhead t(tok) / mean(t(plain), t(plain B)) - 1 and the control t(plain B) / t(plain) - 1,
+    medians over rounds."""
+    lines = [f"tokenized overhead ({rounds} rounds of plain → tokenized → identical plain twin, order reversed every "
+             "other round): median over rounds of t(tok) / mean(t(plain), t(twin)) - 1 (target ≤ 5%; the paper: 3–5%); "
+             "control: median of t(twin) / t(plain) - 1, identical work, i.e. this host's noise"]
+    lines.append(f"  {'architecture':<13} {'prec':<5} {'plain ms':>9} {'tok ms':>8} {'overhead':>9} {'control':>8}  ≤ 5%")
+    for prec, times in results.items():
+        for arch in archs:
+            p, t, b = times[f"{arch}/plain"], times[f"{arch}/tok"], times[f"{arch}/plain B"]
+            o = statistics.median(ti / ((pi + bi) / 2) for pi, ti, bi in zip(p, t, b)) - 1
+            c = statistics.median(bi / pi for pi, bi in zip(p, b)) - 1
+            lines.append(f"  {SHORT.get(arch, arch):<13} {prec:<5} {statistics.median(p) * 1e3:9.1f} "
+                         f"{statistics.median(t) * 1e3:8.1f} {o:+9.1%} {c:+8.1%}  {'yes' if o <= 0.05 else 'NO'}")
+    return lines
+
+
 def run_multi(dtype: torch.dtype | None, n: int, data: Data, args) -> dict:
     prec = "bf16" if dtype is not None else "fp32"
     saes = {f"topk{i}": make_sae("topk", False, data, seed=10 + i) for i in range(n)}
@@ -287,7 +330,7 @@ def run_multi(dtype: torch.dtype | None, n: int, data: Data, args) -> dict:
     single_steps = [trainer_step(s, data) for s in singles]
     entries = {"n/multi": trainer_step(multi, data), "n/singles": lambda i: [s(i) for s in single_steps]}
     times = interleave(entries, args.warmup, args.rounds, f"{n}-in-one {prec}")
-    del multi, singles, single_steps, entries
+    del multi, singles, entries
     gc.collect()
     return times
 
@@ -323,15 +366,6 @@ def report(results: dict[str, dict], multi: dict[str, dict], archs: list[str], a
     lines.append(f"* = the precision train.autocast = \"auto\" picks on this machine ({auto}). × base: median over rounds of "
                  "t(dense baseline)/t(step); × peer*: × base × 4,607 / peer tok/s (peer scaled by the baseline's "
                  "speed in its own run). target = 1.5 × best peer / 4,607.")
-    lines.append("")
-    lines.append("tokenized overhead: median over rounds of t(tokenized)/t(plain) - 1 (target ≤ 5%)")
-    for prec, times in results.items():
-        parts = []
-        for arch in archs:
-            if f"{arch}/tok" in times:
-                o = ratio_to(times, f"{arch}/tok", f"{arch}/plain") - 1
-                parts.append(f"{SHORT.get(arch, arch)} {o:+.1%}{'' if o <= 0.05 else ' (NO)'}")
-        lines.append(f"  {prec}: " + ", ".join(parts))
     lines.append("")
     for prec, times in multi.items():
         r = ratio_to(times, "n/multi", "n/singles")
@@ -380,18 +414,22 @@ def main() -> None:
     ap.add_argument("--autocast", choices=["none", "bf16", "both"], default=None,
                     help="float32 steps, bf16-autocast steps, or both (default both; quick bf16)")
     ap.add_argument("--archs", default=",".join(ARCHS), help="comma list (default: all six)")
+    ap.add_argument("--overhead-rounds", type=int, default=None,
+                    help="rounds of the paired tokenized-overhead run (default 30; quick 15; 0 skips)")
     ap.add_argument("--n-multi", type=int, default=None, help="N of the N-in-one test (default 4; quick 2; 0 skips)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, like the peers)")
     ap.add_argument("--cache", default="", help="real activation cache to draw batches from (default: synthetic)")
     ap.add_argument("--nmse-steps", type=int, default=0, help="bf16-vs-fp32 held-out NMSE check length (0 skips)")
     ap.add_argument("--nmse-archs", default="topk,relu", help="architectures of the NMSE check")
-    ap.add_argument("--thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=1 (set before torch is imported)")
+    ap.add_argument("--no-thp", dest="thp", action="store_false",
+                    help="THP_MEM_ALLOC_ENABLE=0 (default: as found, else 1 like cli.py; set before torch is imported)")
     ap.add_argument("--no-auxk", dest="auxk", action="store_false", help="skip the topk+auxk row")
     args = ap.parse_args()
     args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.autocast = args.autocast or ("bf16" if args.quick else "both")
     args.n_multi = args.n_multi if args.n_multi is not None else (2 if args.quick else 4)
+    args.overhead_rounds = args.overhead_rounds if args.overhead_rounds is not None else (15 if args.quick else 30)
     args.auxk = args.auxk and not args.quick
     archs = [a for a in args.archs.split(",") if a]
     unknown = set(archs) - set(ARCHITECTURES)
@@ -417,6 +455,10 @@ def main() -> None:
             if args.n_multi > 0:
                 multi[prec] = run_multi(dt, args.n_multi, data, args)
         lines += report(results, multi, archs, auto_s, args.n_multi)
+    if args.overhead_rounds > 0:
+        data = cache_data(args.cache, 4) if args.cache else synthetic_data(4)
+        over = {prec: run_overhead(dt, archs, data, args) for prec, dt in precs}
+        lines += [""] + report_overhead(over, archs, args.overhead_rounds)
     if args.nmse_steps > 0:
         lines += [""] + nmse_check(args, [a for a in args.nmse_archs.split(",") if a])
     print("\n".join(lines))

@@ -306,3 +306,27 @@ def test_registry_classes():
                                                         MatryoshkaBatchTopKSAE}
     for name, cls in ARCHITECTURES.items():
         assert cls.architecture == name
+
+
+@pytest.mark.parametrize("rows", [0, 4])
+def test_lookup_gradient_equals_embedding(rows):
+    """The lookup's coalesced sparse gradient = the dense gradient of F.embedding, duplicates summed; a truncated
+    table's fallback row gets none."""
+    from torch.nn import functional as F
+
+    sae = make("relu", tokenized=True, lookup_rows=rows)
+    with torch.no_grad():
+        sae.W_lookup.normal_()
+    tokens = torch.tensor([3, 1, 3, 8, 0, 3, 1, 5, 2, 7])  # duplicates, and tokens without a row when truncated
+    g_out = torch.randn(len(tokens), D)
+    sae.lookup(tokens).backward(g_out)
+    got = sae.W_lookup.grad
+    rows_got = got._indices()[0]
+    assert got.is_sparse and bool((rows_got[1:] > rows_got[:-1]).all())  # one entry per row, increasing
+    W = sae.W_lookup.detach().clone().requires_grad_()
+    idx = tokens if sae.lookup_index is None else sae.lookup_index[tokens]
+    out = F.embedding(idx, W, padding_idx=rows if rows else None)
+    torch.testing.assert_close(out, sae.lookup(tokens).detach())
+    out.backward(g_out)
+    torch.testing.assert_close(got.to_dense(), W.grad)
+    assert len(rows_got) == len(set(idx.tolist()) - ({rows} if rows else set()))

@@ -169,3 +169,32 @@ def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
         assert 0 <= r["dense_frac_heldout"] <= 1
         log = [json.loads(x) for x in open(tmp_path / "saes" / r["name"] / "metrics.jsonl")]
         assert any("heldout_ce_added" in row for row in log)
+
+
+def test_lazy_adam_equals_sparse_adam():
+    """pipeline.training.LazyAdam makes torch.optim.SparseAdam's updates (parameter and moments), touching only
+    the rows of each step's sparse gradient, and refuses a dense gradient."""
+    import pytest
+
+    from pipeline.training import LazyAdam
+
+    torch.manual_seed(0)
+    w0 = torch.randn(40, 6)
+    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt_a, opt_b = LazyAdam([a], lr=0.05, betas=(0.8, 0.95)), torch.optim.SparseAdam([b], lr=0.05, betas=(0.8, 0.95))
+    untouched = torch.ones(40, dtype=torch.bool)
+    for _ in range(12):
+        rows = torch.randint(0, 30, (25,))  # rows 30..39 never get a gradient
+        untouched[rows] = False
+        g = torch.randn(25, 6)
+        for p, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            p.grad = torch.sparse_coo_tensor(rows[None], g, p.shape)  # uncoalesced: duplicates
+            opt.step()
+    torch.testing.assert_close(a, b)
+    for key in ("exp_avg", "exp_avg_sq"):
+        torch.testing.assert_close(opt_a.state[a][key], opt_b.state[b][key])
+    assert torch.equal(a.detach()[untouched], w0[untouched])
+    a.grad = torch.ones_like(a)
+    with pytest.raises(ValueError, match="sparse gradients"):
+        opt_a.step()

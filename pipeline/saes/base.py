@@ -226,25 +226,27 @@ class _SparsePre(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, reuse: bool = False) -> Tensor:
         xc = x - b_dec
-        ctx.save_for_backward(xc, W_enc)
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.result_type(xc, W_enc)
+        W_c = W_enc.to(dt)  # cast once: the backward's g @ W_encᵀ reuses it
+        ctx.save_for_backward(xc, W_c, W_enc)
         ctx.sparse_inputs = (x, b_dec, W_enc, b_enc, xc)
-        if not reuse or x.device.type != "cpu":
-            return torch.addmm(b_enc, xc, W_enc)
-        # SAE.forward in training: on the CPU the [batch, d_sae] result (tens of MB) would be a fresh mmap
-        # every step, whose first-touch page faults cost up to tens of ms; nothing reads pre after the forward
-        # that made it (the backward needs xc and W_enc only, gather_pre copies its values), so one buffer is
-        # reused. (Reading an older pre after a newer forward raises, never reads wrong values.)
-        dt = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else torch.result_type(xc, W_enc)
-        out = _pre_buffer((xc.shape[0], W_enc.shape[1]), dt)
-        with torch.autocast("cpu", enabled=False):
-            torch.addmm(b_enc.to(dt), xc.to(dt), W_enc.to(dt), out=out)
+        with torch.autocast(dev, enabled=False):
+            if not reuse or dev != "cpu":
+                return torch.addmm(b_enc.to(dt), xc.to(dt), W_c)
+            # SAE.forward in training: on the CPU the [batch, d_sae] result (tens of MB) would be a fresh mmap
+            # every step, whose first-touch page faults cost up to tens of ms; nothing reads pre after the
+            # forward that made it (the backward needs xc and W_enc only, gather_pre copies its values), so one
+            # buffer is reused. (Reading an older pre after a newer forward raises, never reads wrong values.)
+            out = _pre_buffer((xc.shape[0], W_enc.shape[1]), dt)
+            torch.addmm(b_enc.to(dt), xc.to(dt), W_c, out=out)
         return out.view(out.shape)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        xc, W_enc = ctx.saved_tensors
+        xc, W_c, W_enc = ctx.saved_tensors
         g_b_enc = g.sum(0, dtype=torch.float32).to(W_enc.dtype)
-        g_x = g @ W_enc.to(g.dtype).T if ctx.needs_input_grad[0] else None
+        g_x = g @ W_c.to(g.dtype).T if ctx.needs_input_grad[0] else None
         g_b_dec = -(W_enc @ g_b_enc) if ctx.needs_input_grad[1] else None
         g_W = xc.to(g.dtype).T @ g if ctx.needs_input_grad[2] else None
         return g_x, g_b_dec, g_W, g_b_enc, None
@@ -300,20 +302,25 @@ def gather_pre(pre: Tensor, rows: Tensor, idx: Tensor, values: Tensor | None = N
 
 class _Lookup(torch.autograd.Function):
     """W[rows] [batch, d_model] for rows int64 [batch], as ``F.embedding(rows, W, padding_idx=pad, sparse=True)``
-    but reading each distinct row once and returning an already coalesced sparse gradient (one entry per
-    distinct row, the padding row left out), so the lazy Adam does not sort and sum the batch's duplicates."""
+    but returning a sparse gradient with one entry per distinct row in increasing order (the padding row
+    left out), so the lazy Adam does not sort and sum the batch's duplicates (autograd's accumulation drops
+    the "coalesced" flag; :class:`pipeline.training.LazyAdam` checks the order instead). The batch is sorted once (stable)
+    in the forward; the backward's per-row sums are one ``embedding_bag`` over the batch positions in that
+    order (parallel over rows; ``index_add_`` would materialise an int64 [batch, d_model] index and scatter
+    serially)."""
 
     @staticmethod
     def forward(ctx, W: Tensor, rows: Tensor, pad: int | None) -> Tensor:
-        uniq, inv = torch.unique(rows, sorted=True, return_inverse=True)
-        ctx.save_for_backward(uniq, inv)
+        sorted_rows, order = torch.sort(rows, stable=True)
+        uniq, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+        ctx.save_for_backward(uniq, counts, order)
         ctx.shape, ctx.pad = W.shape, pad
-        return W.index_select(0, uniq).index_select(0, inv)
+        return W.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        uniq, inv = ctx.saved_tensors
-        grad = torch.zeros(len(uniq), g.shape[1], dtype=g.dtype, device=g.device).index_add_(0, inv, g)
+        uniq, counts, order = ctx.saved_tensors
+        grad = F.embedding_bag(order, g.contiguous(), torch.cumsum(counts, 0) - counts, mode="sum")
         if ctx.pad is not None:
             keep = uniq != ctx.pad
             uniq, grad = uniq[keep], grad[keep]
@@ -486,7 +493,14 @@ class SAE(nn.Module):
         pre = self.pre_acts(x, _reuse=self.training)
         z = self.activate(pre)
         lookup = self.lookup(tokens)
-        x_hat = self.decode_sae(z) + self.b_dec + lookup
+        x_hat = self.decode_sae(z)
+        if isinstance(z, SparseCode) and x_hat.dtype == self.b_dec.dtype:
+            # the embedding_bag output is ours: add in place (two [batch, d_model] temporaries fewer per step)
+            x_hat = x_hat.add_(self.b_dec)
+            if isinstance(lookup, Tensor):
+                x_hat = x_hat.add_(lookup)
+        else:
+            x_hat = x_hat + self.b_dec + lookup
         mse = sq_err(x, x_hat)
         terms = self.aux_terms(x, x_hat, pre, z, lookup)
         del pre
@@ -542,8 +556,9 @@ class SAE(nn.Module):
         """Project out the gradient component parallel to each (unit-norm) decoder row."""
         if self.W_dec.grad is None:
             return
-        g = self.W_dec.grad
-        g -= (g * self.W_dec).sum(-1, keepdim=True) * self.W_dec
+        g, W = self.W_dec.grad, self.W_dec
+        dots = torch.bmm(g.unsqueeze(1), W.unsqueeze(2)).view(-1, 1)  # ⟨g_i, W_i⟩ [d_sae, 1], no [d_sae, d_model] temporary
+        g.addcmul_(W, dots, value=-1)
 
     @torch.no_grad()
     def fold_input_scale(self, c: float) -> None:

@@ -45,9 +45,14 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
             offsets = torch.searchsorted(key, torch.arange(nb * n, device=key.device))
             parts = F.embedding_bag(latents.idx[keep], self.W_dec, offsets, mode="sum",
                                     per_sample_weights=latents.vals[keep].to(self.W_dec.dtype))
-            prefix, x_m = [], self.b_dec + lookup
+            prefix, x_m = [], None
             for part in parts.view(nb, n, -1):
-                x_m = x_m + part
+                if x_m is None:
+                    x_m = part + self.b_dec
+                    if isinstance(lookup, Tensor):
+                        x_m.add_(lookup)
+                else:
+                    x_m.add_(part)  # in place: sq_err's backward does not read x_m
                 prefix.append(sq_err(x, x_m))
             terms["prefix_mse"] = torch.stack(prefix).sum()
         return terms
