@@ -31,7 +31,7 @@ per token of ``acts/<hook>`` (``nbytes_stored``) and its compression ratio again
 
 Run from the repository root::
 
-    python benchmarks/harvest.py                                  # SmolLM2-135M, 24 rounds x 4096 tokens (~3 min)
+    python benchmarks/harvest.py                                  # SmolLM2-135M, 16 rounds x 8192 tokens (~4 min)
     python benchmarks/harvest.py --model tiny-gpt2 --rounds 4      # quick check (hook -> blocks.1.hook_resid_pre)
     python benchmarks/harvest.py --rounds 8 --dtype float32        # ~2 min on 2 CPU cores
 
@@ -87,12 +87,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=CACHE_DTYPES, default="float16", help="cache storage dtype")
     p.add_argument("--model-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the model computes in")
-    p.add_argument("--rounds", type=int, default=24,
+    p.add_argument("--rounds", type=int, default=16,
                    help="rounds; each times one bare and one harvest segment of --round-batches batches")
-    p.add_argument("--round-batches", type=int, default=2, help="batches per segment")
+    p.add_argument("--round-batches", type=int, default=4, help="batches per segment")
     p.add_argument("--seq-chunk", type=int, default=0,
-                   help="sequences per Zarr chunk; must divide a segment's sequences (0 = one batch: every "
-                        "chunk write but a segment's last overlaps the next forward)")
+                   help="sequences per Zarr chunk; must divide a segment's sequences (0 = half a segment: "
+                        "the first chunk's write overlaps the segment's next forwards, the last is waited for)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up batches of each variant")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--tmpdir", default=None, help="where the temporary caches are written (default: system temp)")
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("error: --rounds, --round-batches and --batch must be >= 1")
     seg_seq = args.round_batches * args.batch  # sequences per segment
     if args.seq_chunk == 0:
-        args.seq_chunk = args.batch
+        args.seq_chunk = seg_seq // 2 if args.round_batches % 2 == 0 else seg_seq
     if seg_seq % args.seq_chunk:
         sys.exit(f"error: --seq-chunk {args.seq_chunk} must divide a segment's {seg_seq} sequences")
     n_seq = seg_seq * args.rounds  # harvested sequences (and bare ones)

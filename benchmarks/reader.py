@@ -104,12 +104,12 @@ CODECS: dict[str, Callable[[], object | None]] = {
 }
 
 
-def default_codec_name() -> str:
-    """The name in :data:`CODECS` of what ``pipeline.cache.codec()`` returns ('?' if none matches)."""
-    ref = cache_mod.codec()
+def default_codec_name(dtype: str) -> str:
+    """The name in :data:`CODECS` of what ``pipeline.cache.codec(dtype)`` returns ('?' if none matches)."""
+    ref = cache_mod.codec(dtype)
     for name, f in CODECS.items():
         c = f()
-        if c is not None and ref is not None and c.to_dict() == ref.to_dict():
+        if (c is None and ref is None) or (c is not None and ref is not None and c.to_dict() == ref.to_dict()):
             return name
     return "?"
 
@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="storage dtype of the synthetic cache")
     p.add_argument("--codec", default="default", choices=["default", *CODECS],
-                   help="activation codec of the synthetic caches (default: pipeline.cache.codec())")
+                   help="activation codec of the synthetic caches (default: pipeline.cache.codec(dtype))")
     p.add_argument("--chunk-mib", type=float, default=0.0,
                    help="chunk size of the synthetic cache in MiB (0: pipeline.cache.auto_seq_chunk)")
     p.add_argument("--batch-size", type=int, default=4096, help="ActivationReader batch size (tokens)")
@@ -209,7 +209,8 @@ def build_synthetic_cache(path: str, args: argparse.Namespace, n_tokens: int, ch
     step = 4 * meta["seq_chunk"]
     default = cache_mod.codec
     if args.codec != "default":
-        cache_mod.codec = CODECS[args.codec]  # CacheWriter looks the codec up at array creation
+        # CacheWriter looks the codec up at array creation
+        cache_mod.codec = lambda dtype="float32", f=CODECS[args.codec]: f()
     t0 = time.perf_counter()
     try:
         with CacheWriter(path, meta) as w:
@@ -319,7 +320,6 @@ def codec_table(sample32: np.ndarray, note: str, tmp: str, reps: int) -> None:
     """Write/read ``sample32`` [n_seq, context, d] in every storage dtype with every codec; print a table."""
     n_seq, context, d = sample32.shape
     n_tok = n_seq * context
-    default = default_codec_name()
     print(f"\nstorage codecs: {n_tok} tokens x d_model {d} per array, plain zarr v3 arrays chunked like the cache "
           f"(~{CHUNK_BYTES >> 20} MiB); written and read chunk by chunk; MB/s are of raw data (median of {reps})")
     print(f"{'dtype':<9} {'codec':<34} {'bytes/token':>11} {'raw B/tok':>9} {'ratio':>7} {'write MB/s':>11} "
@@ -356,7 +356,7 @@ def codec_table(sample32: np.ndarray, note: str, tmp: str, reps: int) -> None:
             stored = cells[-1][0]
             tw = statistics.median(c[1] for c in cells)
             tr = statistics.median(c[2] for c in cells)
-            label = name + (" (default)" if name == default else "")
+            label = name + (" (default)" if name == default_codec_name(dtype) else "")
             print(f"{dtype:<9} {label:<34} {stored / n_tok:>11.1f} {d * arr_np.itemsize:>9d} "
                   f"{raw / stored:>6.3f}x {raw / tw / 1e6:>11.0f} {raw / tr / 1e6:>10.0f}")
     if note:
@@ -419,7 +419,7 @@ def cache_sweep(args: argparse.Namespace, configs: list[tuple[str, float]], tmp:
         n_tok = cache.n_seq * cache.context_size
         med = {v: statistics.median(tps[(i, v)]) for v in variants}
         ratio = statistics.median(s / q for s, q in zip(tps[(i, "shuffled")], tps[(i, "sequential")]))
-        name = configs[i][0] if configs[i][0] != "default" else default_codec_name()
+        name = configs[i][0] if configs[i][0] != "default" else default_codec_name(cache.meta["dtype"])
         print(f"{name:<26} {chunk_mib:>9.2f} {cache.seq_chunk:>9d} {n_chunks(cache):>6d} "
               f"{arr.nbytes_stored() / n_tok:>8.1f} {med['sequential']:>16.0f} {med['seq+prefetch']:>18.0f} "
               f"{med['shuffled']:>15.0f} {ratio:>8.3f}")

@@ -71,16 +71,20 @@ def to_torch(arr: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr))
 
 
-def codec() -> BloscCodec:
-    """Compression for activation chunks (and unigram tables): Blosc lz4 level 5 with bit shuffle.
+def codec(dtype: str = "float32") -> BloscCodec | None:
+    """Compression for activation chunks stored as ``dtype`` (and unigram tables, float32): Blosc lz4 level 5
+    with bit shuffle for float32 and bfloat16; none for float16.
 
     Chosen by measurement (``benchmarks/reader.py``; README "Benchmarks"): on SmolLM2 activations it
     stores float32 as small as zstd does (1.08x) and bfloat16 at 1.17x (zstd: 1.26x) and decodes 2-3x
-    faster than Blosc zstd (the shuffled reader: 2.1x); float16 activations are incompressible by fast
-    codecs (zstd gets 1.07x at a third of the read speed), so Blosc stores them as they are. Training
-    rereads the cache every epoch, so read speed comes first. Caches written with another codec stay
-    readable: Zarr records the codec of each array.
+    faster than Blosc zstd (the shuffled reader: 2.1x). float16 activations are incompressible by fast
+    codecs (lz4: 1.000x; zstd 1.07x at a third of the read speed), so they are stored raw: Blosc would
+    only spend the harvest's writer CPU (and the reader's) shuffling bits to store them as they are.
+    Training rereads the cache every epoch, so read speed comes first. Caches written with another codec
+    stay readable: Zarr records the codec of each array.
     """
+    if dtype == "float16":
+        return None
     return BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")
 
 
@@ -116,8 +120,9 @@ def check_storable(acts: torch.Tensor, dtype: str, where: str) -> None:
     """
     if dtype not in STORAGE_DTYPES:
         raise CacheError(f"unknown activation dtype {dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
-    amax = acts.detach().abs().amax().float().item()
-    if not math.isfinite(amax):
+    lo, hi = (v.float().item() for v in torch.aminmax(acts.detach()))  # one pass, no |acts| temporary
+    amax = max(-lo, hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ActivationOverflowError(f"non-finite activations (NaN or inf) in {where}; nothing was written for "
                                       "these rows. Check the model dtype (harvest.model_dtype = \"float32\").")
     if dtype == "float16" and amax > FLOAT16_MAX:
@@ -299,7 +304,7 @@ class CacheWriter:
         for h in m["hooks"]:
             self.group.create_array(f"acts/{h}", shape=(n, ctx, d), chunks=(ch, ctx, d),
                                     dtype=STORAGE_DTYPES[m["dtype"]],
-                                    compressors=codec(), fill_value=0, overwrite=True)
+                                    compressors=codec(m["dtype"]), fill_value=0, overwrite=True)
 
     def _resize(self, n: int) -> None:
         self.group["tokens"].resize((n, self.meta["context_size"]))
