@@ -11,8 +11,8 @@ import click
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # PyTorch's CPU allocator backs large tensors with transparent huge pages (read once, before torch's first
-# large allocation): far fewer first-touch page faults for a training step's big temporaries
-# (pipeline.training.keep_freed_memory; benchmarks/train.py measures it). THP_MEM_ALLOC_ENABLE=0 turns it off.
+# large allocation): far fewer first-touch page faults for a training step's big temporaries (with
+# pipeline.cpu_memory.keep_freed_memory; benchmarks/train.py and harvest.py run so). 0 turns it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 

@@ -9,13 +9,16 @@ What is measured, in one process, on the same model and the same token windows:
   harvest, one writer is created before the first batch and finished after the last, and the chunk
   writes run on its background thread while the next forwards compute.
 
-The windows are split into ``--rounds`` rounds; round r times ``--round-chunks`` cache chunks of
-sequences once bare and once harvested, in alternating order (bare→harvest, then harvest→bare, ...),
-so drift of a shared host cancels in the per-round ratio harvest/bare tokens/s. A harvest segment
-ends by waiting until its last chunk is written (``writer.flush()``) and that wait is charged to the
-harvest, so the background thread never runs into the next bare segment: this overstates the
-harvest's cost (in a real harvest that write overlaps the next forward), never understates it. The
-writer's creation and ``finish`` are timed once and spread over all harvested batches. Summaries:
+The windows are split into ``--rounds`` rounds of ``--round-batches`` batches. Each round times its
+batches three times: bare (A), harvested, and bare again (B), in an order that rotates every round
+(each variant first, middle and last in turn), so drift of a shared host cancels in the per-round
+ratio harvest/bare, with bare = the mean of A and B; the ratio B/A of two identical passes shows the
+host's noise floor. The cache chunk is half a segment by default (``--seq-chunk``), so one chunk write
+per segment overlaps the segment's next forwards; the segment then waits until its last chunk is
+written (``writer.flush()``) and that wait is charged to the harvest, so the background thread never
+runs into a bare pass: this overstates the harvest's cost (in a real harvest every write overlaps a
+forward), never understates it. The writer's creation and ``finish`` are timed once and spread over
+all harvested batches. Summaries:
 
 * the median of the per-round ratios (the headline; short rounds keep each pair close in time);
 * the ratio of the summed times over all rounds;
@@ -52,6 +55,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# As cli.py: transparent huge pages for large CPU tensors unless the environment says otherwise
+# (load_model also makes glibc keep freed memory: pipeline.cpu_memory).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

