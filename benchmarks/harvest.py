@@ -66,7 +66,7 @@ import zarr  # noqa: E402
 from pipeline import __version__  # noqa: E402
 from pipeline import cache as cache_mod  # noqa: E402
 from pipeline import models as models_mod  # noqa: E402
-from pipeline.cache import FORMAT_VERSION, CacheWriter, auto_seq_chunk, describe_codecs  # noqa: E402
+from pipeline.cache import FORMAT_VERSION, CacheWriter, describe_codecs  # noqa: E402
 from pipeline.corpus import iter_texts, resolve_source, token_windows  # noqa: E402
 from pipeline.models import check_hooks, load_model, run_hooks  # noqa: E402
 
@@ -127,10 +127,9 @@ def load_batches(lm, dataset: str, context: int, n_seq: int, batch: int) -> list
     return [tokens[i:i + batch] for i in range(0, n_seq, batch)]
 
 
-def make_meta(lm, hook: str, args: argparse.Namespace, n_seq: int, n_seq_total: int, dataset: dict) -> dict:
-    """The ``tsae`` attribute as stages/harvest.py builds it, for a cache of ``n_seq`` sequences whose
-    chunking is the one a harvest of ``n_seq_total`` sequences would get."""
-    itemsize = ITEMSIZE[args.dtype]
+def make_meta(lm, hook: str, args: argparse.Namespace, n_seq: int, dataset: dict) -> dict:
+    """The ``tsae`` attribute as stages/harvest.py builds it, for a cache of ``n_seq`` sequences in chunks of
+    ``args.seq_chunk``."""
     # What pins the model (weights / tokenizer hashes) where this version of the pipeline records it.
     identity = models_mod.model_identity(lm) if hasattr(models_mod, "model_identity") else {}
     return {
@@ -139,7 +138,7 @@ def make_meta(lm, hook: str, args: argparse.Namespace, n_seq: int, n_seq_total: 
         "d_model": lm.d_model, "d_vocab": lm.d_vocab, "prepend_bos": True,
         "bos_token_id": lm.bos_token_id, "sep_token_id": lm.sep_token_id, "dataset": dataset,
         "dtype": args.dtype, "model_dtype": args.model_dtype, "n_seq_target": n_seq,
-        "seq_chunk": args.seq_chunk or auto_seq_chunk(args.context, lm.d_model, itemsize, n_seq_total),
+        "seq_chunk": args.seq_chunk,
     }
 
 
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     batches = load_batches(lm, args.dataset, args.context, warm_seq + n_seq, args.batch)
     warm, batches = batches[:max(1, args.warmup)], batches[max(1, args.warmup):]
     segments = [batches[r * args.round_batches:(r + 1) * args.round_batches] for r in range(args.rounds)]
-    meta = make_meta(lm, hook, args, n_seq, n_seq, resolve_source(args.dataset).describe())
+    meta = make_meta(lm, hook, args, n_seq, resolve_source(args.dataset).describe())
     itemsize = ITEMSIZE[args.dtype]
 
     print(f"harvest benchmark: {lm.name} @ {hook} (d_model {lm.d_model}), device {lm.device}, "

@@ -23,6 +23,8 @@ class ConfigError(ValueError):
 
 
 DTYPES = ("float32", "float16", "bfloat16")
+AUTOCAST_CHOICES = ("auto", "none", "bf16", "fp16")
+"""Values of train.autocast, train.ce_autocast and analyze.lm_autocast (pipeline.training.resolve_autocast)."""
 
 
 @dataclass
@@ -256,7 +258,7 @@ class TrainConfig:
         if self.b_dec_init not in ("mean", "geometric_median"):
             raise ConfigError(f"train.b_dec_init={self.b_dec_init!r}: use \"mean\" or \"geometric_median\"")
         for key in ("autocast", "ce_autocast"):
-            if getattr(self, key) not in ("auto", "none", "bf16", "fp16"):
+            if getattr(self, key) not in AUTOCAST_CHOICES:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r}: use auto, none, bf16 or fp16")
         if not 0 <= self.lr_final_frac <= 1:
             raise ConfigError(f"train.lr_final_frac={self.lr_final_frac} must be in [0, 1]")
@@ -339,7 +341,7 @@ class AnalyzeConfig:
         bad = [a for a in self.analyses if a not in ANALYSES]
         if bad:
             raise ConfigError(f"analyze.analyses has unknown entries {bad}; available: {list(ANALYSES)}")
-        if self.lm_autocast not in ("auto", "none", "bf16", "fp16"):
+        if self.lm_autocast not in AUTOCAST_CHOICES:
             raise ConfigError(f"analyze.lm_autocast={self.lm_autocast!r}: use auto, none, bf16 or fp16")
         _positive(self, "top_n", "n_freq_bins", "eval_tokens", "meta_sae_k", "meta_sae_epochs", "suffix_latents",
                   "max_suffix_len", "final_token_samples", "position_seqs", "browser_latents", "browser_examples",

@@ -70,6 +70,11 @@ def resolve_autocast(spec: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if _cpu_bf16_speedup() >= 2.0 else None
 
 
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast(device.type, dtype)``, or a no-op context for ``dtype`` None (float32)."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 @functools.cache
 def _cpu_bf16_speedup(n: int = 1024, reps: int = 3) -> float:
     """float32 / bf16 time of an n×n matmul on this CPU (measured once per process)."""
@@ -198,11 +203,6 @@ class MultiTrainer:
             fwd = torch.compile(sae) if opts.compile else sae
             self.members.append(Member(name, sae, optims, scheds, fwd))
 
-    def _autocast(self, device: torch.device):
-        if self.opts.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=self.opts.autocast)
-
     def step(self, x: Tensor, tokens: Tensor, log: bool = True) -> dict[str, dict[str, float]]:
         """One optimisation step of every SAE on x [batch, d_model], tokens [batch].
 
@@ -215,7 +215,7 @@ class MultiTrainer:
             sae = m.sae
             sae.train()
             sae.sparsity_scale = min(1.0, (self.step_count + 1) / warm) if warm > 0 else 1.0
-            with self._autocast(x.device):
+            with autocast_context(x.device, self.opts.autocast):
                 res = m.forward(x, tokens)
             # Dense gradients are zeroed in place, not freed: a fresh parameter-sized gradient every step (and
             # the bf16 -> float32 copy into it under autocast) page-faulted on first touch, 3-35 ms a step on
@@ -262,7 +262,7 @@ class MultiTrainer:
             fires = torch.zeros(m.sae.params.d_sae, dtype=torch.long, device=x.device)
             for s in range(0, len(x), batch_size):
                 xb, tb = x[s:s + batch_size], tokens[s:s + batch_size]
-                with self._autocast(x.device):
+                with autocast_context(x.device, self.opts.autocast):
                     res = m.sae(xb, tb)
                 sse += M.mse_per_token(xb, res.x_hat).sum().item()
                 l0s.append(M.l0_per_token(res.latents))

@@ -168,12 +168,9 @@ class Context:
     def lm_autocast(self):
         """Context for the LM's forward passes: ``analyze.lm_autocast`` mixed precision (SAE calls inside are
         run in float32 by the callers that need it)."""
-        import contextlib
+        from pipeline.training import autocast_context, resolve_autocast
 
-        from pipeline.training import resolve_autocast
-
-        dt = resolve_autocast(self.cfg.analyze.lm_autocast, self.device)
-        return torch.autocast(self.device.type, dt) if dt is not None else contextlib.nullcontext()
+        return autocast_context(self.device, resolve_autocast(self.cfg.analyze.lm_autocast, self.device))
 
     def firing_freq(self, name: str) -> np.ndarray:
         """float [d_sae]: held-out firing frequency saved by training, else measured on the held-out tokens."""

@@ -9,7 +9,6 @@ into groups trained on the workers of a dask.distributed cluster, each reading t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from pipeline.config import TOPK_FAMILY, Config, ConfigError, SAEConfig
 from pipeline.models import resolve_device
 from pipeline.reader import ActivationReader, load_tokens, split_chunks
 from pipeline.saes import ARCHITECTURES, SAE, SAEParams
-from pipeline.training import MultiTrainer, TrainOptions, input_scale, resolve_autocast
+from pipeline.training import MultiTrainer, TrainOptions, autocast_context, input_scale, resolve_autocast
 from stages import resolve_cache
 
 HELDOUT_TOKENS = 65_536
@@ -286,8 +285,7 @@ class CEEvaluator:
 
         for m in trainer.members:
             m.sae.eval()
-        amp = torch.autocast(self.device.type, self.autocast) if self.autocast else contextlib.nullcontext()
-        with amp:
+        with autocast_context(self.device, self.autocast):
             res = ce_losses(self.lm, self.tokens, self.hook, {m.name: recon(m.sae) for m in trainer.members},
                             exclude_bos=self.exclude_bos, progress=False, baseline=self.baseline)
         self.baseline = res["baseline"]

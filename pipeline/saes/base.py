@@ -236,7 +236,7 @@ class _SparsePre(torch.autograd.Function):
                 return torch.addmm(b_enc.to(dt), xc.to(dt), W_c)
             # SAE.forward in training: on the CPU the [batch, d_sae] result (tens of MB) would be a fresh mmap
             # every step, whose first-touch page faults cost up to tens of ms; nothing reads pre after the
-            # forward that made it (the backward needs xc and W_enc only, gather_pre copies its values), so one
+            # forward that made it (the backward needs xc and the weights only, gather_pre copies its values), so one
             # buffer is reused. (Reading an older pre after a newer forward raises, never reads wrong values.)
             out = _pre_buffer((xc.shape[0], W_enc.shape[1]), dt)
             torch.addmm(b_enc.to(dt), xc.to(dt), W_c, out=out)
