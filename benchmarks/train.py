@@ -5,11 +5,11 @@ shape; the peers' "shape A"):
 
 * **our step**: ``pipeline.training.MultiTrainer.step(x, tokens, log=False)`` with one SAE: forward under
   ``TrainOptions.autocast``, loss, backward, ``before_optimizer_step`` (decoder-gradient projection),
-  Adam (and lazy ``SparseAdam`` for a tokenized SAE's lookup), the lr schedulers,
+  Adam (and ``LazyAdam`` for a tokenized SAE's lookup), the lr schedulers,
   ``after_optimizer_step`` (decoder renormalisation) — exactly what ``python cli.py train`` runs per
   batch between two log steps. Every architecture, plain and tokenized (d_vocab 49152 like SmolLM2,
-  Zipf-distributed token ids, lookup lr = 100 × lr, W_lookup initialised from a unigram table as in
-  training), in float32 and/or bf16 autocast (``--autocast``).
+  Zipf-distributed token ids, lookup lr = 100 × lr, W_lookup initialised from a unigram table with
+  its rows ordered by token count, as in training), in float32 and/or bf16 autocast (``--autocast``).
 * **dense baseline**: a minimal plain-PyTorch dense ReLU SAE step of the same shape in float32 — the
   peers' ``bench_ref.plain_relu`` (``/work/shared/peers/bench_ref.py``): ``f = relu((x - b_dec) @ W_enc
   + b_enc)``, ``x̂ = f @ W_dec + b_dec``, MSE + 1e-3·L1, backward, Adam. On this 2-core machine it ran
@@ -20,8 +20,11 @@ shape; the peers' "shape A"):
   ``--overhead-copies`` identical plain SAEs and as many identical tokenized twins, each with its own
   trainer, step in turn; the median over rounds of the tokenized copies' summed time over the plain
   copies' - 1 (target ≤ 5%; the paper reports 3–5%), next to the controls (copy 1 vs copy 0) of the
-  identical SAEs. Identical SAEs differ by up to ~25% on this host depending on where their tensors land
-  in memory, which is why each side is several separately allocated copies.
+  identical SAEs. Identical SAEs differ by up to ~35% on this host depending on where their tensors land
+  in memory, which is why each side is several separately allocated copies, and why every trainer is
+  re-allocated (a deep copy: same state, fresh memory) between ``--overhead-blocks`` blocks of rounds.
+  The tokenized SAEs' lookup rows are ordered by the token counts of the training data, as in training,
+  and this run cycles 16 batches so that the set of tokens changes from step to step.
 
 Every variant runs one step per round, in an order rotated each round (as the peers' ``bench_train.py``),
 after ``--warmup`` untimed rounds, so drift of the shared host hits all of them alike; per variant the
@@ -117,13 +120,14 @@ class Data:
     unigram: torch.Tensor       # float32 [d_vocab, d_model], same scale (the tokenized init)
     d_vocab: int
     source: str
+    counts: torch.Tensor        # float64 [d_vocab] token counts of the training data (orders the lookup's rows)
 
 
-def zipf_tokens(n: int, vocab: int, g: torch.Generator, s: float = 1.1) -> torch.Tensor:
-    """n token ids with P(rank r) ∝ r^-s over a random permutation of the vocabulary."""
-    p = torch.arange(1, vocab + 1, dtype=torch.float64).pow(-s)
+def zipf_tokens(n: int, perm: torch.Tensor, g: torch.Generator, s: float = 1.1) -> torch.Tensor:
+    """n token ids with P(token perm[r]) ∝ (r + 1)^-s for perm a permutation of the vocabulary."""
+    p = torch.arange(1, len(perm) + 1, dtype=torch.float64).pow(-s)
     ranks = torch.multinomial(p / p.sum(), n, replacement=True, generator=g)
-    return torch.randperm(vocab, generator=g)[ranks]
+    return perm[ranks]
 
 
 def synthetic_data(n_batches: int, seed: int = 0) -> Data:
@@ -135,7 +139,8 @@ def synthetic_data(n_batches: int, seed: int = 0) -> Data:
     n_feat, active = 2 * D_SAE, 24
     feats = F.normalize(torch.randn(n_feat, d, generator=g), dim=1)
     freq = torch.arange(1, n_feat + 1, dtype=torch.float64).pow(-0.7)
-    tokens = zipf_tokens(n, D_VOCAB, g)
+    perm = torch.randperm(D_VOCAB, generator=g)
+    tokens = zipf_tokens(n, perm, g)
     which = torch.multinomial(freq / freq.sum(), n * active, replacement=True, generator=g)
     coef = torch.empty(n * active).exponential_(1.0, generator=g) * 1.5
     offsets = torch.arange(0, n * active, active)
@@ -144,14 +149,17 @@ def synthetic_data(n_batches: int, seed: int = 0) -> Data:
     c = input_scale(x)
     unigram = (mean + tok_dir) * c
     x *= c
+    # token counts as training takes them from the whole training split: here a larger sample of the same law
+    counts = torch.bincount(zipf_tokens(max(n, 1 << 20), perm, g), minlength=D_VOCAB).double()
     return Data(list(x.split(BATCH)), list(tokens.split(BATCH)), unigram, D_VOCAB,
-                f"synthetic ({n:,} tokens, Zipf token ids over {D_VOCAB:,}, E‖x‖² = d_model)")
+                f"synthetic ({n:,} tokens, Zipf token ids over {D_VOCAB:,}, E‖x‖² = d_model)", counts)
 
 
 def cache_data(path: str, n_batches: int, heldout: int = 0, seed: int = 0):
     """Training batches (and held-out tokens) from a real activation cache, scaled to E‖x‖² = d_model."""
     from pipeline.cache import Cache
     from pipeline.reader import load_tokens, split_chunks
+    from stages.train import token_counts
 
     cache = Cache.open(path)
     hook = cache.check_hook("")
@@ -167,7 +175,8 @@ def cache_data(path: str, n_batches: int, heldout: int = 0, seed: int = 0):
     nb = len(x) // BATCH
     unigram = cache.unigram(hook).float() * c
     data = Data(list(x[: nb * BATCH].split(BATCH)), list(t[: nb * BATCH].split(BATCH)), unigram,
-                int(cache.meta["d_vocab"]), f"cache {path} ({hook}, {nb * BATCH:,} tokens)")
+                int(cache.meta["d_vocab"]), f"cache {path} ({hook}, {nb * BATCH:,} tokens)",
+                token_counts(cache, train_chunks))
     if not heldout:
         return data
     xh, th = load_tokens(cache, hook, held_chunks, heldout, exclude_bos=True)
@@ -180,7 +189,8 @@ def make_sae(arch: str, tokenized: bool, data: Data, seed: int, **kw):
     p = SAEParams(arch, D_MODEL, D_SAE, k=K, tokenized=tokenized, d_vocab=data.d_vocab if tokenized else 0, **kw)
     sae = ARCHITECTURES[arch](p)
     x0 = torch.cat(data.xs[:4])
-    sae.init_from_data(x0, torch.cat(data.ts[:4]), data.unigram if tokenized else None, ALPHA)
+    sae.init_from_data(x0, torch.cat(data.ts[:4]), data.unigram if tokenized else None, ALPHA,
+                       token_counts=data.counts if tokenized else None)
     return sae
 
 
@@ -228,8 +238,10 @@ def probe_gflops(reps: int = 3) -> float:
     return 2.0 * 2048 * 576 * 4608 / statistics.median(ts) / 1e9
 
 
-def interleave(entries: dict[str, Callable[[int], None]], warmup: int, rounds: int, label: str) -> dict[str, list[float]]:
-    """Per entry, its step times (s) over ``rounds`` timed rounds; one step of every entry per round.
+def interleave(entries: dict[str, Callable[[int], None]], warmup: int, rounds: int, label: str,
+               first_round: int = 0) -> dict[str, list[float]]:
+    """Per entry, its step times (s) over ``rounds`` timed rounds; one step of every entry per round
+    (round r steps on batch r; ``first_round`` offsets r so that blocks of rounds continue one schedule).
 
     Entries named ``group/variant`` form groups that always run back to back (their ratios are the most
     drift-free), the group order rotates each round and the order inside a group reverses every other round.
@@ -241,17 +253,18 @@ def interleave(entries: dict[str, Callable[[int], None]], warmup: int, rounds: i
     times: dict[str, list[float]] = {n: [] for n in entries}
     probes = []
     t_start = time.time()
-    for r in range(warmup + rounds):
+    for j in range(warmup + rounds):
+        r = first_round + j
         gorder = gnames[r % len(gnames):] + gnames[: r % len(gnames)]
         order = [n for g in gorder for n in (groups[g] if r % 2 == 0 else groups[g][::-1])]
         for n in order:
             t0 = time.perf_counter()
             entries[n](r)
             dt = time.perf_counter() - t0
-            if r >= warmup:
+            if j >= warmup:
                 times[n].append(dt)
         probes.append(probe_gflops())
-        print(f"[{label}] round {r + 1}/{warmup + rounds} ({'warm-up' if r < warmup else 'timed'}, "
+        print(f"[{label}] round {j + 1}/{warmup + rounds} ({'warm-up' if j < warmup else 'timed'}, "
               f"{time.time() - t_start:.0f}s, probe {probes[-1]:.0f} GFLOP/s)", file=sys.stderr, flush=True)
     times["_probe"] = probes[warmup:]
     return times
@@ -290,28 +303,45 @@ def run_precision(dtype: torch.dtype | None, archs: list[str], data: Data, args)
 def run_overhead(dtype: torch.dtype | None, archs: list[str], data: Data, args) -> dict:
     """Per architecture: ``args.overhead_copies`` identical plain SAEs and as many identical tokenized twins
     (separate trainers, so separately allocated), one step each per round, plain and tokenized alternating,
-    in an order reversed every other round (interleave)."""
+    in an order reversed every other round (interleave). The rounds run in ``args.overhead_blocks`` blocks;
+    before each block after the first every trainer is replaced by a deep copy of itself (same state, fresh
+    memory) and one untimed round follows, so each copy's speed is averaged over several memory placements."""
     prec = "bf16" if dtype is not None else "fp32"
-    entries: dict[str, Callable[[int], None]] = {}
-    keep = []
+    trainers: dict[str, MultiTrainer] = {}
     for arch in archs:
         plain, tok = make_sae(arch, False, data, seed=1), make_sae(arch, True, data, seed=1)
         for i in range(args.overhead_copies):
             for var, sae in (("plain", plain), ("tok", tok)):
-                tr = trainer({arch: sae if i == 0 else copy.deepcopy(sae)}, dtype)
-                keep.append(tr)
-                entries[f"{arch}/{var} {i}"] = trainer_step(tr, data)
-    times = interleave(entries, args.warmup, args.overhead_rounds, f"tokenized overhead {prec}")
-    del keep, entries
+                trainers[f"{arch}/{var} {i}"] = trainer({arch: sae if i == 0 else copy.deepcopy(sae)}, dtype)
+    nb = len(data.xs)
+    entries = {name: (lambda i, name=name: trainers[name].step(data.xs[i % nb], data.ts[i % nb], log=False))
+               for name in trainers}
+    blocks = max(1, min(args.overhead_blocks, args.overhead_rounds))
+    times: dict[str, list[float]] = {}
+    done = 0
+    for b in range(blocks):
+        if b:
+            for name in trainers:
+                trainers[name] = copy.deepcopy(trainers[name])  # the old copy is freed here
+            gc.collect()
+        n = (args.overhead_rounds - done) // (blocks - b)
+        part = interleave(entries, args.warmup if b == 0 else 1, n,
+                          f"tokenized overhead {prec}, placement {b + 1}/{blocks}", first_round=done)
+        done += n
+        for k, v in part.items():
+            times.setdefault(k, []).extend(v)
+    del trainers, entries
     gc.collect()
     return times
 
 
-def report_overhead(results: dict[str, dict], archs: list[str], rounds: int, copies: int) -> list[str]:
+def report_overhead(results: dict[str, dict], archs: list[str], rounds: int, copies: int, blocks: int) -> list[str]:
     """Tokenized overhead Σ t(tok copies) / Σ t(plain copies) - 1 and the controls t(copy 1) / t(copy 0) - 1
     of the identical plain and tokenized SAEs, medians over rounds."""
     lines = [f"tokenized overhead ({rounds} rounds; per architecture {copies} identical plain SAEs and {copies} "
-             "identical tokenized twins, each with its own trainer, alternating; order reversed every other round): "
+             "identical tokenized twins, each with its own trainer, alternating; order reversed every other round; "
+             f"every trainer re-allocated between {blocks} blocks of rounds, so {copies * blocks} memory placements "
+             "per side): "
              "median over rounds of the tokenized copies' summed time over the plain copies' - 1 (target ≤ 5%; "
              "the paper: 3–5%). Controls: t(copy 1) / t(copy 0) - 1 of identical SAEs — identical work, so what "
              "they show is host noise and where each SAE's tensors happened to land in memory"]
@@ -393,7 +423,7 @@ def nmse_check(args, archs: list[str]) -> list[str]:
     else:
         d = synthetic_data(n_tok // BATCH + 8, seed=7)
         xh, th = torch.cat(d.xs[-8:]), torch.cat(d.ts[-8:])
-        data = Data(d.xs[:-8], d.ts[:-8], d.unigram, d.d_vocab, d.source)
+        data = Data(d.xs[:-8], d.ts[:-8], d.unigram, d.d_vocab, d.source, d.counts)
     lines = [f"held-out NMSE after {args.nmse_steps} steps (batch {BATCH}, lr {LR}, {len(data.xs)} batches cycled, "
              f"{len(xh):,} held-out tokens; data: {data.source})",
              f"  {'architecture':<13} {'fp32':>8} {'bf16':>8} {'rel. diff':>9}  {'L0 fp32':>7} {'L0 bf16':>7}  within 1%"]
@@ -425,8 +455,11 @@ def main() -> None:
     ap.add_argument("--archs", default=",".join(ARCHS), help="comma list (default: all six)")
     ap.add_argument("--overhead-rounds", type=int, default=None,
                     help="rounds of the paired tokenized-overhead run (default 30; quick 15; 0 skips)")
-    ap.add_argument("--overhead-copies", type=int, default=2,
-                    help="identical SAEs per side of the tokenized-overhead run (each separately allocated)")
+    ap.add_argument("--overhead-copies", type=int, default=4,
+                    help="identical SAEs per side of the tokenized-overhead run (each separately allocated; default 4)")
+    ap.add_argument("--overhead-blocks", type=int, default=5,
+                    help="memory placements of the tokenized-overhead run: every trainer is re-allocated (deep copy) "
+                         "before each block of rounds after the first (default 5)")
     ap.add_argument("--n-multi", type=int, default=None, help="N of the N-in-one test (default 4; quick 2; 0 skips)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, like the peers)")
     ap.add_argument("--cache", default="", help="real activation cache to draw batches from (default: synthetic)")
@@ -467,9 +500,9 @@ def main() -> None:
                 multi[prec] = run_multi(dt, args.n_multi, data, args)
         lines += report(results, multi, archs, auto_s, args.n_multi)
     if args.overhead_rounds > 0:
-        data = cache_data(args.cache, 4) if args.cache else synthetic_data(4)
+        data = cache_data(args.cache, 16) if args.cache else synthetic_data(16)  # 16 batches: varied token sets
         over = {prec: run_overhead(dt, archs, data, args) for prec, dt in precs}
-        lines += [""] + report_overhead(over, archs, args.overhead_rounds, args.overhead_copies)
+        lines += [""] + report_overhead(over, archs, args.overhead_rounds, args.overhead_copies, args.overhead_blocks)
     if args.nmse_steps > 0:
         lines += [""] + nmse_check(args, [a for a in args.nmse_archs.split(",") if a])
     print("\n".join(lines))

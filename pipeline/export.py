@@ -18,8 +18,8 @@ already folded in, so ``normalize_activations`` is "none".
 
 Tokenized SAEs: SAELens has no per-token term, and its ``load_from_disk`` rejects unknown tensors, so
 the lookup goes to a separate file, :data:`LOOKUP_FILE` (``W_lookup`` float32 [rows, d_in] and
-``lookup_index`` int64 [d_vocab], token id → row; the identity when the table is not truncated, and
-rows without a token of their own point at the all-zero last row). SAELens ignores that file: its
+``lookup_index`` int64 [d_vocab], token id → row: tsae stores the rows in descending order of training
+frequency, and in a truncated table tokens without a row of their own point at the all-zero last row). SAELens ignores that file: its
 ``encode`` is exactly ours (the encoder never sees the token), but its ``decode`` returns
 ``f · W_dec + b_dec`` only; the tsae reconstruction is that plus ``W_lookup[lookup_index[token]]``.
 ``cfg.json``'s ``metadata.tsae`` records the source parameters and how to apply the lookup.
@@ -165,8 +165,8 @@ def _convert(state: dict[str, Tensor], params: SAEParams) -> tuple[SAELensTensor
 def lookup_tensors(state: dict[str, Tensor], params: SAEParams) -> dict[str, Tensor] | None:
     """``W_lookup`` float32 [rows, d_model] and ``lookup_index`` int64 [d_vocab] of a tokenized SAE, else None.
 
-    The tsae reconstruction is ``f · W_dec + b_dec + W_lookup[lookup_index[token]]``; an untruncated
-    table gets the identity index so one formula serves both.
+    The tsae reconstruction is ``f · W_dec + b_dec + W_lookup[lookup_index[token]]``; a state without an
+    index (saved before tables were frequency-ordered: rows in token order) gets the identity.
     """
     if not params.tokenized:
         return None

@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from torch.optim.adam import adam as adam_update
 from torch import Tensor
 
 from pipeline import metrics as M
@@ -115,7 +116,10 @@ class LazyAdam(torch.optim.Optimizer):
     Same state names (``step``, ``exp_avg``, ``exp_avg_sq``) as SparseAdam, so checkpoints of either load in
     the other. Why not SparseAdam itself: on the CPU it masks and adds into the dense moment tables through
     sparse kernels, ~4 ms per step for a 4096-token batch at d_model 576 — most of a tokenized SAE's
-    overhead over its plain twin; this works on the [rows, d_model] slices alone.
+    overhead over its plain twin. This gathers the touched rows of θ, m and v, updates them in one pass with
+    torch's fused Adam kernel (``torch.optim.adam.adam(fused=True)``, on CPU and CUDA) and scatters them back
+    (:func:`_copy_rows`): ~1.1 ms for the 1,232 distinct tokens of a demo batch, most of it reading and
+    writing those rows of three 113 MB tables.
 
     Raises ValueError for a dense gradient.
     """
@@ -149,14 +153,33 @@ class LazyAdam(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st["step"] += 1
                 t = st["step"]
-                m = st["exp_avg"].index_select(0, rows).lerp_(vals, 1 - b1)
-                v = st["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(vals, vals, value=1 - b2)
-                st["exp_avg"].index_copy_(0, rows, m)
-                st["exp_avg_sq"].index_copy_(0, rows, v)
-                step_size = group["lr"] * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-                new = p.index_select(0, rows).addcdiv_(m, v.sqrt_().add_(group["eps"]), value=-step_size)
-                p.index_copy_(0, rows, new)
+                m, v, new = st["exp_avg"].index_select(0, rows), st["exp_avg_sq"].index_select(0, rows), p.index_select(0, rows)
+                # Adam on the gathered rows in one pass (torch's fused kernel where it runs). Its update is
+                # θ -= lr/(1 - β₁ᵗ) · m / (√v / √(1 - β₂ᵗ) + ε'); with ε' = ε / √(1 - β₂ᵗ) that is exactly
+                # SparseAdam's θ -= lr·√(1 - β₂ᵗ)/(1 - β₁ᵗ) · m / (√v + ε).
+                adam_update([new], [vals.to(new.dtype)], [m], [v], [],
+                            [torch.tensor(float(t - 1), device=p.device)],  # adam() adds the 1
+                            fused=_fused_ok([p]), amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
+                            weight_decay=0.0, eps=group["eps"] / math.sqrt(1 - b2 ** t), maximize=False)
+                _copy_rows(st["exp_avg"], rows, m)
+                _copy_rows(st["exp_avg_sq"], rows, v)
+                _copy_rows(p, rows, new)
         return loss
+
+
+def _copy_rows(dst: Tensor, rows: Tensor, src: Tensor) -> None:
+    """dst[rows] = src for dst [n, d], rows int64 [r] (distinct), src [r, d] of dst's dtype.
+
+    On the CPU ``index_copy_`` copies element by element; viewing each row as 16-byte elements (complex128),
+    where the row size and offsets allow, copies the same bytes in a quarter (float32) of the elements:
+    2.3× faster for 1,232 float32 rows of d_model 576 scattered into a 49,152-row table."""
+    ok = (dst.device.type == "cpu" and dst.dim() == 2 and dst.is_contiguous() and src.is_contiguous()
+          and dst.dtype == src.dtype and (dst.shape[1] * dst.element_size()) % 16 == 0
+          and (dst.storage_offset() * dst.element_size()) % 16 == 0 and src.storage_offset() == 0)
+    if ok:
+        dst.view(torch.complex128).index_copy_(0, rows, src.view(torch.complex128))
+    else:
+        dst.index_copy_(0, rows, src)
 
 
 def _fused_ok(params: list[Tensor]) -> bool:

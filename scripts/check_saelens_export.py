@@ -160,10 +160,11 @@ def random_saes(folder: Path, d_model: int = 48, d_sae: int = 192, k: int = 8, d
                     state[name].normal_(std=0.3)
             if sae.W_lookup is not None:
                 sae.W_lookup.normal_()
-                if sae.lookup_index is not None:
-                    perm = torch.randperm(d_vocab)
-                    sae.lookup_index.fill_(rows)
-                    sae.lookup_index[perm[:rows]] = torch.arange(rows)
+                # a random token → row map (truncated: `rows` tokens have a row, the rest the zero fallback row)
+                n = rows or d_vocab
+                sae.lookup_index.fill_(n)
+                sae.lookup_index[torch.randperm(d_vocab)[:n]] = torch.arange(n)
+                if rows:
                     sae.W_lookup[rows] = 0
             pre = sae.pre_acts(sae.b_dec + torch.randn(4096, d_model))
             q = 1 - k / d_sae

@@ -146,8 +146,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     unigram = counts = None
     if any(s.params.tokenized for s in specs):
         unigram = (cache.unigram(hook) * scale).to(dev)
-        if any(s.params.lookup_rows for s in specs):
-            counts = token_counts(cache, train_chunks)
+        counts = token_counts(cache, train_chunks)  # picks a truncated table's rows; orders every table's rows
 
     members = {}
     for s in specs:

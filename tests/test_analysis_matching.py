@@ -175,7 +175,7 @@ def test_stitch_reconstruct_with_one_sae_is_that_sae_and_bias_interpolation():
         k0[:3], k1[5] = True, True
         f0, f1 = s0.encode(x).double(), s1.encode(x).double()
         want = (f0[:, :3] @ s0.W_dec[:3].double() + f1[:, 5:6] @ s1.W_dec[5:6].double()
-                + 0.75 * s0.b_dec.double() + 0.25 * (s1.b_dec.double() + s1.W_lookup[t].double()))
+                + 0.75 * s0.b_dec.double() + 0.25 * (s1.b_dec.double() + s1.lookup_table()[t].double()))
         np.testing.assert_allclose(stitch_reconstruct(s0, s1, x, t, k0, k1), want, atol=1e-5)
 
 

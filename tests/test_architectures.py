@@ -228,6 +228,36 @@ def test_matryoshka_loss_is_mean_of_prefix_reconstructions():
         make("matryoshka_batchtopk", prefixes=[6, 3, 12])
 
 
+def test_full_lookup_rows_ordered_by_frequency():
+    """An untruncated table stores its rows by descending token count; decoding, lookup_table() and the
+    gradient are those of the token-ordered table; a state without lookup_index (token order) still loads."""
+    counts = torch.tensor([5.0, 0, 9, 1, 7, 0, 0, 2, 0])
+    u = torch.randn(V, D)
+    x, t = torch.randn(20, D), torch.randint(0, V, (20,))
+    sae = make("topk", tokenized=True)
+    sae.init_from_data(x, t, u, alpha=0.5, token_counts=counts)
+    assert sae.W_lookup.shape == (V, D)
+    assert sae.lookup_index[:5].tolist() == [2, 5, 0, 4, 1]  # rows by count: tokens 2, 4, 0, 7, 3, then 1, 5, 6, 8
+    torch.testing.assert_close(sae.W_lookup[0], 0.5 * u[2])
+    torch.testing.assert_close(sae.lookup_table(), 0.5 * u)
+    ref = make("topk", tokenized=True)  # same weights, token-ordered table
+    ref.load_state_dict({**sae.state_dict(), "W_lookup": sae.lookup_table(), "lookup_index": torch.arange(V)})
+    sae.train(), ref.train()
+    tt = torch.tensor([1, 3, 2, 8, 2])
+    xb = torch.randn(5, D)
+    out, out_ref = sae(xb, tt), ref(xb, tt)
+    torch.testing.assert_close(out.x_hat, out_ref.x_hat)
+    out.loss.backward(), out_ref.loss.backward()
+    g, g_ref = sae.W_lookup.grad.to_dense(), ref.W_lookup.grad.to_dense()
+    torch.testing.assert_close(g[sae.lookup_index], g_ref)
+    old = {k: v for k, v in ref.state_dict().items() if k != "lookup_index"}
+    loaded = make("topk", tokenized=True)
+    loaded.lookup_index.copy_(sae.lookup_index)
+    loaded.load_state_dict(old)
+    assert torch.equal(loaded.lookup_index, torch.arange(V))
+    torch.testing.assert_close(loaded.lookup_table(), sae.lookup_table())
+
+
 def test_truncated_lookup_rows_and_fallback():
     sae = make("topk", tokenized=True, lookup_rows=3)
     counts = torch.tensor([5.0, 0, 9, 1, 7, 0, 0, 2, 0])  # most frequent: 2, 4, 0

@@ -51,9 +51,11 @@ def random_sae(arch: str, tokenized: bool = False, rows: int = 0, seed: int = 0)
                 state[name].normal_(std=0.3)
         if sae.W_lookup is not None:
             sae.W_lookup.normal_()
-            if sae.lookup_index is not None:
-                sae.lookup_index.fill_(rows)
-                sae.lookup_index[torch.randperm(V)[:rows]] = torch.arange(rows)
+            # a random token → row map (truncated: `rows` tokens have a row, the rest the zero fallback row)
+            n = rows or V
+            sae.lookup_index.fill_(n)
+            sae.lookup_index[torch.randperm(V)[:n]] = torch.arange(n)
+            if rows:
                 sae.W_lookup[rows] = 0
         pre = sae.pre_acts(sae.b_dec + torch.randn(2000, D))
         if "log_threshold" in state:

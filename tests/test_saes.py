@@ -35,7 +35,7 @@ def test_decode_is_the_tokenized_formula():
     x, t = torch.randn(4, 6), torch.tensor([0, 3, 3, 6])
     out = sae(x, t)
     f = sae.encode(x)
-    torch.testing.assert_close(out.x_hat, f @ sae.W_dec + sae.b_dec + sae.W_lookup[t])
+    torch.testing.assert_close(out.x_hat, f @ sae.W_dec + sae.b_dec + sae.lookup_table()[t])
     torch.testing.assert_close(out.mse, ((out.x_hat - x) ** 2).sum(-1).mean())
 
 

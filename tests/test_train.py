@@ -37,12 +37,12 @@ def test_train_writes_saes_whose_nmse_falls_and_lookup_trains(tiny_cache, tmp_pa
     scale = tok.params.extra["input_scale_folded"]
     init = 0.5 * cache.unigram(hook)  # in raw units: (alpha * c * unigram) / c
     seen = torch.unique(torch.from_numpy(cache.tokens()[:, 1:]).long())
-    delta = (tok.W_lookup[seen] - init[seen]).norm(dim=1)
+    delta = (tok.lookup_table()[seen] - init[seen]).norm(dim=1)
     assert (delta > 1e-3 * init[seen].norm(dim=1).mean()).float().mean() > 0.5
     unseen = torch.ones(cache.meta["d_vocab"], dtype=torch.bool)
     unseen[torch.from_numpy(cache.tokens()).long().unique()] = False
     if unseen.any():  # rows of tokens never seen get no gradient
-        torch.testing.assert_close(tok.W_lookup[unseen], init[unseen], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(tok.lookup_table()[unseen], init[unseen], rtol=1e-4, atol=1e-5)
     assert scale > 0
     assert (tmp_path / "saes" / "training_curves.png").stat().st_size > 1000
 
@@ -55,7 +55,7 @@ def test_initial_lookup_is_alpha_unigram(tiny_cache, tmp_path, monkeypatch):
                       "train.batch_size=256", "train.buffer_tokens=2048")
     train.run(cfg)
     tok = load_sae(tmp_path / "saes" / "topk-tok")
-    torch.testing.assert_close(tok.W_lookup, 0.3 * Cache.open(cfg.cache_dir).unigram(cache.hooks[0]),
+    torch.testing.assert_close(tok.lookup_table(), 0.3 * Cache.open(cfg.cache_dir).unigram(cache.hooks[0]),
                                rtol=1e-5, atol=1e-6)
 
 
