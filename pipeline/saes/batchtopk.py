@@ -12,16 +12,20 @@ from pipeline.saes.base import SAE, SparseCode, gather_pre
 from pipeline.saes.topk import auxk_loss
 
 
-def _top_positions(flat: Tensor, kk: int) -> Tensor:
+def _top_positions(flat: Tensor, kk: int, row: int = 1) -> Tensor:
     """Ascending positions of the kk largest entries of ``flat`` (ranked by raw value, ties broken by torch.topk).
 
     A threshold τ just below the kk-th largest value is estimated from a strided sample (~1M entries);
     the entries > τ are candidates, and if there are at least kk of them the kk largest of the batch are
     exactly the kk largest candidates. Otherwise τ is lowered once more, then the whole batch is ranked.
+    ``row``: the row length of the flattened [n, row] matrix; the stride is made coprime to it so the
+    sample covers every column (a stride dividing d_sae would sample a fixed 1/stride of the latents).
     """
     total = flat.numel()
     if kk < total // 8 and total >= 1 << 18:
         stride = max(1, total // (1 << 20))
+        while math.gcd(stride, row) != 1:
+            stride += 1
         sample = flat[::stride]
         expect = kk * sample.numel() / total
         for slack in (1.1, 2.0):
@@ -43,7 +47,7 @@ def batch_topk_code(pre: Tensor, k: int) -> SparseCode:
     n, m = pre.shape
     kk = min(n * k, n * m)
     flat = pre.detach().reshape(-1)
-    pos = _top_positions(flat, kk)
+    pos = _top_positions(flat, kk, m)
     rows = torch.div(pos, m, rounding_mode="floor")
     idx = pos - rows * m
     vals = flat[pos]
