@@ -317,7 +317,7 @@ def run_overhead(dtype: torch.dtype | None, archs: list[str], data: Data, args) 
     nb = len(data.xs)
     entries = {name: (lambda i, name=name: trainers[name].step(data.xs[i % nb], data.ts[i % nb], log=False))
                for name in trainers}
-    blocks = max(1, min(args.overhead_blocks, args.overhead_rounds))
+    blocks = args.overhead_blocks
     times: dict[str, list[float]] = {}
     done = 0
     for b in range(blocks):
@@ -488,6 +488,7 @@ def main() -> None:
     args.autocast = args.autocast or ("bf16" if args.quick else "both")
     args.n_multi = args.n_multi if args.n_multi is not None else (2 if args.quick else 4)
     args.overhead_rounds = args.overhead_rounds if args.overhead_rounds is not None else (15 if args.quick else 30)
+    args.overhead_blocks = max(1, min(args.overhead_blocks, args.overhead_rounds))  # at least one round a block
     args.auxk = args.auxk and not args.quick
     archs = [a for a in args.archs.split(",") if a]
     unknown = set(archs) - set(ARCHITECTURES)
