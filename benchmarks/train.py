@@ -331,7 +331,8 @@ def run_overhead(dtype: torch.dtype | None, archs: list[str], data: Data, args) 
         done += n
         for k, v in part.items():
             times.setdefault(k, []).extend(v)
-    del trainers, entries
+    trainers.clear()  # free every SAE before the next precision
+    del entries
     gc.collect()
     return times
 

@@ -1,6 +1,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.cache import Cache
@@ -171,24 +172,23 @@ def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
         assert any("heldout_ce_added" in row for row in log)
 
 
-def test_lazy_adam_equals_sparse_adam():
+@pytest.mark.parametrize("width", [6, 8])  # 24-byte rows: plain index_copy_; 32-byte rows: 16-byte element copies
+def test_lazy_adam_equals_sparse_adam(width):
     """pipeline.training.LazyAdam makes torch.optim.SparseAdam's updates (parameter and moments), touching only
     the rows of each step's sparse gradient, and refuses a dense gradient."""
     import copy
 
-    import pytest
-
     from pipeline.training import LazyAdam
 
     torch.manual_seed(0)
-    w0 = torch.randn(40, 6)
+    w0 = torch.randn(40, width)
     a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
     opt_a, opt_b = LazyAdam([a], lr=0.05, betas=(0.8, 0.95)), torch.optim.SparseAdam([b], lr=0.05, betas=(0.8, 0.95))
     untouched = torch.ones(40, dtype=torch.bool)
     for _ in range(12):
         rows = torch.randint(0, 30, (25,))  # rows 30..39 never get a gradient
         untouched[rows] = False
-        g = torch.randn(25, 6)
+        g = torch.randn(25, width)
         for p, opt in ((a, opt_a), (b, opt_b)):
             opt.zero_grad()
             p.grad = torch.sparse_coo_tensor(rows[None], g, p.shape)  # uncoalesced: duplicates
@@ -201,7 +201,7 @@ def test_lazy_adam_equals_sparse_adam():
     c = torch.nn.Parameter(b.detach().clone())
     opt_c = LazyAdam([c], lr=0.05, betas=(0.8, 0.95))
     opt_c.load_state_dict(copy.deepcopy(opt_b.state_dict()))  # (load_state_dict would share the tensors)
-    rows, g = torch.tensor([3, 7, 3]), torch.randn(3, 6)
+    rows, g = torch.tensor([3, 7, 3]), torch.randn(3, width)
     for p, opt in ((b, opt_b), (c, opt_c)):
         opt.zero_grad()
         p.grad = torch.sparse_coo_tensor(rows[None], g, p.shape)
