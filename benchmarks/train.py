@@ -354,9 +354,8 @@ def report_overhead(results: dict[str, dict], archs: list[str], rounds: int, cop
              "per side): "
              "median over rounds of the tokenized copies' summed time over the plain copies' - 1 (target ≤ 5%; "
              "the paper: 3–5%). Controls: t(copy 1) / t(copy 0) - 1 of identical SAEs — identical work, so what "
-             "they show is host noise and where each SAE's tensors happened to land in memory"]
-    lines[0] += ("; 95% CI: bootstrap over rounds of that median; ≤ 5%: 'yes' if the CI lies below 5%, "
-                 "'~' if it contains 5%")
+             "they show is host noise and where each SAE's tensors happened to land in memory; 95% CI: bootstrap "
+             "over rounds of that median; ≤ 5%: 'yes' if the CI lies below 5%, '~' if it contains 5%"]
     lines.append(f"  {'architecture':<13} {'prec':<5} {'plain ms':>9} {'tok ms':>8} {'overhead':>9} {'95% CI':>15} "
                  f"{'plain 1/0':>10} {'tok 1/0':>8}  ≤ 5%")
     for prec, times in results.items():

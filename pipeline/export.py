@@ -165,18 +165,17 @@ def _convert(state: dict[str, Tensor], params: SAEParams) -> tuple[SAELensTensor
 def lookup_tensors(state: dict[str, Tensor], params: SAEParams) -> dict[str, Tensor] | None:
     """``W_lookup`` float32 [rows, d_model] and ``lookup_index`` int64 [d_vocab] of a tokenized SAE, else None.
 
-    The tsae reconstruction is ``f · W_dec + b_dec + W_lookup[lookup_index[token]]``; a state without an
-    index (saved before tables were frequency-ordered: rows in token order) gets the identity.
+    The tsae reconstruction is ``f · W_dec + b_dec + W_lookup[lookup_index[token]]``. ``state`` is an SAE's
+    ``state_dict()``, which always holds both (older saves without an index load as the identity:
+    ``SAE._load_from_state_dict``).
     """
     if not params.tokenized:
         return None
-    if "W_lookup" not in state:
-        raise ExportError("tokenized SAE state has no W_lookup")
+    missing = [k for k in ("W_lookup", "lookup_index") if k not in state]
+    if missing:
+        raise ExportError(f"tokenized SAE state has no {' / '.join(missing)}")
     W = _f32(state["W_lookup"])
-    if "lookup_index" in state:
-        index = state["lookup_index"].detach().to("cpu", torch.int64).contiguous()
-    else:
-        index = torch.arange(params.d_vocab, dtype=torch.int64)
+    index = state["lookup_index"].detach().to("cpu", torch.int64).contiguous()
     if W.ndim != 2 or W.shape[1] != params.d_model or tuple(index.shape) != (params.d_vocab,):
         raise ExportError(f"lookup shapes W_lookup {tuple(W.shape)}, lookup_index {tuple(index.shape)} do not fit "
                           f"d_model={params.d_model}, d_vocab={params.d_vocab}")

@@ -354,7 +354,7 @@ def test_lookup_gradient_equals_embedding(rows):
     rows_got = got._indices()[0]
     assert got.is_sparse and bool((rows_got[1:] > rows_got[:-1]).all())  # one entry per row, increasing
     W = sae.W_lookup.detach().clone().requires_grad_()
-    idx = tokens if sae.lookup_index is None else sae.lookup_index[tokens]
+    idx = sae.lookup_index[tokens]
     out = F.embedding(idx, W, padding_idx=rows if rows else None)
     torch.testing.assert_close(out, sae.lookup(tokens).detach())
     out.backward(g_out)
