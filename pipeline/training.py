@@ -27,6 +27,7 @@ import copy
 import functools
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -56,11 +57,16 @@ def resolve_autocast(spec: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``spec`` ("none", "bf16", "fp16", "auto") on ``device``, or None for float32.
 
     "auto": bf16 on CUDA; on CPU bf16 only if a 1024² bf16 matmul measures ≥ 2× faster than float32
-    here (CPUs with AVX512-BF16/AMX), else float32. fp16 on CPU raises ValueError.
+    here (CPUs with AVX512-BF16/AMX), else float32. fp16 on CPU raises ValueError. "bf16" on a CPU whose
+    bf16 matmuls are slower than float32 (AVX2 only: a fallback kernel) warns (UserWarning).
     """
     if spec == "none":
         return None
     if spec == "bf16":
+        if device.type == "cpu" and _cpu_bf16_speedup() < 1.0:
+            warnings.warn(f"autocast bf16 on a CPU whose bf16 matmuls run {1 / _cpu_bf16_speedup():.0f}x slower than "
+                          "float32 (no AVX512-BF16/AMX): training will be far slower; use autocast = \"auto\" or \"none\"",
+                          stacklevel=2)
         return torch.bfloat16
     if spec == "fp16":
         if device.type != "cuda":

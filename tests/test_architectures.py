@@ -11,6 +11,7 @@ from pipeline.saes.gated import GatedSAE
 from pipeline.saes.jumprelu import JumpReLUSAE
 from pipeline.saes.matryoshka import MatryoshkaBatchTopKSAE, default_prefixes
 from pipeline.saes.relu import ReLUSAE
+from pipeline.saes import topk as topk_mod
 from pipeline.saes.topk import TopKSAE
 
 D, M, V = 6, 12, 9
@@ -118,7 +119,9 @@ def test_topk_sparse_decoder_equals_dense():
         torch.testing.assert_close(a, b)
 
 
-def test_auxk_uses_only_dead_latents():
+@pytest.mark.parametrize("dense_from", [0.0, math.inf], ids=["dense", "sparse"])
+def test_auxk_uses_only_dead_latents(monkeypatch, dense_from):
+    monkeypatch.setattr(topk_mod, "AUXK_DENSE_MIN_FRACTION", dense_from)  # 0: always dense; inf: always sparse
     sae = make("topk", k=2, aux_k=3, aux_coeff=1 / 32, dead_after_tokens=10)
     randomise(sae)
     sae.train()
@@ -143,6 +146,29 @@ def test_auxk_uses_only_dead_latents():
     live[dead] = False
     assert sae.W_dec.grad[live].abs().max() == 0 and sae.W_enc.grad[:, live].abs().max() == 0
     assert sae.W_dec.grad[dead].abs().max() > 0
+
+
+@pytest.mark.parametrize("aux_k", [3, 8])  # fewer than the dead latents; all of them
+def test_auxk_dense_and_sparse_paths_agree(aux_k):
+    """The dense path (over the dead columns) gives the sparse path's loss and gradients, b_dec's included."""
+    sae = make("batchtopk", k=2, aux_k=aux_k, dead_after_tokens=10)
+    randomise(sae)
+    sae.train()
+    dead = torch.tensor([0, 2, 3, 5, 7, 8, 10, 11])
+    sae.tokens_since_fired[dead] = 100
+    sae._update_firing_code = lambda code: None  # keep the dead set fixed
+    x = torch.randn(20, D)
+    params = [sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec]
+    x_hat = sae(x).x_hat.detach()  # one forward: it updates the firing counters
+    assert int(sae.dead_mask().sum()) == 8
+    got = []
+    for dense in (False, True):
+        aux = topk_mod.auxk_loss(sae, x, x_hat, sae.pre_acts(x), dense=dense)
+        got.append((aux, torch.autograd.grad(aux, params)))
+    torch.testing.assert_close(got[0][0], got[1][0])
+    for a, b in zip(got[0][1], got[1][1]):
+        torch.testing.assert_close(a, b)
+    assert got[1][1][2][[1, 4, 6, 9]].abs().max() == 0  # live decoder rows get nothing
 
 
 def test_batchtopk_keeps_exactly_n_times_k_and_sets_threshold():

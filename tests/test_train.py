@@ -210,3 +210,24 @@ def test_lazy_adam_equals_sparse_adam(width):
     a.grad = torch.ones_like(a)
     with pytest.raises(ValueError, match="sparse gradients"):
         opt_a.step()
+
+
+def test_resolve_autocast_picks_and_warns(monkeypatch):
+    """Autocast "auto" takes bf16 on a CPU only where bf16 matmuls are ≥ 2× faster; an explicit bf16 on a CPU where they
+    are slower (AVX2 only) is honoured with a warning."""
+    import warnings
+
+    from pipeline import training
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(training, "_cpu_bf16_speedup", lambda: 0.05)
+    assert training.resolve_autocast("auto", cpu) is None
+    with pytest.warns(UserWarning, match="20x slower"):
+        assert training.resolve_autocast("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(training, "_cpu_bf16_speedup", lambda: 3.5)
+    assert training.resolve_autocast("auto", cpu) is torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert training.resolve_autocast("bf16", cpu) is torch.bfloat16
+    assert training.resolve_autocast("none", cpu) is None
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        training.resolve_autocast("fp16", cpu)

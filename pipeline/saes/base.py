@@ -306,6 +306,46 @@ def gather_pre(pre: Tensor, rows: Tensor, idx: Tensor, values: Tensor | None = N
     return values
 
 
+class _GatherColumns(torch.autograd.Function):
+    """pre[:, cols] [batch, n_cols] of a :class:`_SparsePre` output, differentiated densely over those columns
+    alone: with G = ∂L/∂pre[:, cols], ∂L/∂W_enc[:, cols] = (x - b_dec)ᵀ G, ∂L/∂b_enc[cols] = Σ_batch G,
+    ∂L/∂b_dec = -W_enc · ∂L/∂b_enc, ∂L/∂x = G · W_enc[:, cols]ᵀ (the other columns get zero)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, xc: Tensor,
+                cols: Tensor) -> Tensor:
+        ctx.save_for_backward(xc, W_enc, cols)
+        return pre.index_select(1, cols)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        xc, W_enc, cols = ctx.saved_tensors
+        g_b_enc = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=g.device)
+        g_b_enc.index_copy_(0, cols, g.sum(0, dtype=torch.float32).to(W_enc.dtype))
+        g_x = g_b_dec = g_W = None
+        if ctx.needs_input_grad[3]:
+            g_W = torch.zeros_like(W_enc).index_copy_(1, cols, (xc.to(g.dtype).T @ g).to(W_enc.dtype))
+        if ctx.needs_input_grad[2]:
+            g_b_dec = -(W_enc @ g_b_enc)
+        if ctx.needs_input_grad[1]:
+            g_x = (g @ W_enc.index_select(1, cols).T.to(g.dtype)).to(xc.dtype)
+        return None, g_x, g_b_dec, g_W, g_b_enc, None, None
+
+
+def gather_columns(pre: Tensor, cols: Tensor) -> Tensor:
+    """pre[:, cols] [batch, n_cols] (cols int64 [n_cols]), differentiable where pre is.
+
+    When pre comes from :meth:`SAE.pre_acts` of an architecture with ``sparse_pre`` while training, the
+    backward costs O(batch · n_cols · d_model) (a matmul over those encoder columns) instead of a dense
+    [batch, d_sae] gradient through the whole encoder.
+    """
+    node = pre.grad_fn
+    if isinstance(node, _SparsePre._backward_cls):
+        x, b_dec, W_enc, b_enc, xc = node.sparse_inputs
+        return _GatherColumns.apply(pre.detach(), x, b_dec, W_enc, b_enc, xc, cols)
+    return pre.index_select(1, cols)
+
+
 class _Lookup(torch.autograd.Function):
     """W[rows] [batch, d_model] for rows int64 [batch], as ``F.embedding(rows, W, padding_idx=pad, sparse=True)``
     but returning a sparse gradient with one entry per distinct row in increasing order (the padding row
