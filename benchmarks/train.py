@@ -34,7 +34,8 @@ the same round. After each round a float32 probe matmul (2048×576 @ 576×4608) 
 **Targets** (the issue): every architecture ≥ 1.5 × the best peer library (SAELens 6.54.12 /
 dictionary_learning 0.1.0) at this shape on this machine. Host speed drifts, so each target is a ratio
 to the dense baseline measured in this run: 1.5 × (best peer tok/s) / (the baseline's 4,607 tok/s in the
-peers' own run). Matryoshka has no peer number (no target). The dense-latent architectures (relu, gated,
+peers' own run). Those are the reference host's numbers; ``--peers $TMPDIR/tsae-peers/results.jsonl`` takes
+them from ``run_peers.sh`` run on this host instead (the ratios differ between CPUs). Matryoshka has no peer number (no target). The dense-latent architectures (relu, gated,
 jumprelu) do the same dense work whatever their L0; the TopK family's cost is set by k. AuxK runs only
 when latents are dead (none in a fresh SAE; the peers' runs had none either); ``topk+auxk`` (full run
 only) marks half the latents dead to show that cost.
@@ -96,6 +97,8 @@ LR, LOOKUP_LR_SCALE, ALPHA = 4e-4, 100.0, 0.5  # pipeline/config.py defaults
 
 # Best peer tokens/s at this shape (/work/shared/peers/results-2026-11-22.txt), and the peers' own dense
 # plain-PyTorch baseline in that run: targets are 1.5 × peer / PEER_BASELINE, as ratios to our baseline.
+# ``--peers results.jsonl`` (from run_peers.sh on this host) replaces them (load_peers).
+PEER_SOURCE = "results-2026-11-22.txt (reference host)"
 PEER_BASELINE = 4607.0
 PEERS = {
     "relu": (4433.0, "dictionary_learning standard"),
@@ -105,6 +108,27 @@ PEERS = {
     "gated": (2680.0, "dictionary_learning gated"),
 }
 SHORT = {"matryoshka_batchtopk": "matryoshka"}
+PEER_ARCHS = {"relu": ("standard", "standard_april"), "topk": ("topk",), "batchtopk": ("batchtopk",),
+              "jumprelu": ("jumprelu",), "gated": ("gated",)}
+"""Our architecture → the peers' names for it (run_peers.sh's bench_train.py)."""
+
+
+def load_peers(path: str) -> tuple[float, dict[str, tuple[float, str]]]:
+    """The peers' baseline tok/s (torch plain_relu) and best peer (tok/s, "library arch") per architecture at
+    shape A from a run_peers.sh ``results.jsonl``. Raises SystemExit if it has no shape-A training rows."""
+    import json
+
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r.get("kind") == "train" and r.get("shape") == "A"]
+    base = [r["tok_s"] for r in train if r.get("lib") == "torch" and r.get("arch") == "plain_relu"]
+    if not base:
+        raise SystemExit(f"{path}: no shape-A torch plain_relu row; run run_peers.sh with PEERS_SHAPES=A")
+    peers = {}
+    for ours, names in PEER_ARCHS.items():
+        cands = [(r["tok_s"], f"{r['lib']} {r['arch']}") for r in train if r.get("lib") != "torch" and r.get("arch") in names]
+        if cands:
+            peers[ours] = max(cands)
+    return base[-1], peers
 
 
 def target_ratio(arch: str) -> float | None:
@@ -397,7 +421,7 @@ def report(results: dict[str, dict], multi: dict[str, dict], archs: list[str], a
     for prec, times in results.items():
         base_ms = statistics.median(times["baseline"]) * 1e3
         lines.append(f"{'dense relu':<13} {'torch':<6} {'fp32':<4} {base_ms:8.0f} {BATCH / base_ms * 1e3:8,.0f} "
-                     f"{1.0:7.2f} {'':>7} {'':>4}  {'peers: 4,607 (torch plain_relu)':<36}")
+                     f"{1.0:7.2f} {'':>7} {'':>4}  {f'peers: {PEER_BASELINE:,.0f} (torch plain_relu)':<36}")
         for key in [k for k in times if "/" in k and k != "baseline"]:
             arch, var = key.split("/")
             ms = statistics.median(times[key]) * 1e3
@@ -417,8 +441,8 @@ def report(results: dict[str, dict], multi: dict[str, dict], archs: list[str], a
         lines.append(f"  ({prec}: fp32 probe matmul after each round: min {min(probes):.0f}, median "
                      f"{statistics.median(probes):.0f}, max {max(probes):.0f} GFLOP/s)")
     lines.append(f"* = the precision train.autocast = \"auto\" picks on this machine ({auto}). × base: median over rounds of "
-                 "t(dense baseline)/t(step); × peer*: × base × 4,607 / peer tok/s (peer scaled by the baseline's "
-                 "speed in its own run). target = 1.5 × best peer / 4,607.")
+                 f"t(dense baseline)/t(step); × peer*: × base × {PEER_BASELINE:,.0f} / peer tok/s (peer scaled by the baseline's "
+                 f"speed in its own run). target = 1.5 × best peer / {PEER_BASELINE:,.0f}. Peers: {PEER_SOURCE}.")
     lines.append("")
     for prec, times in multi.items():
         r = ratio_to(times, "n/multi", "n/singles")
@@ -484,6 +508,8 @@ def main() -> None:
     ap.add_argument("--no-thp", dest="thp", action="store_false",
                     help="THP_MEM_ALLOC_ENABLE=0 (default: as found, else 1 like cli.py; set before torch is imported)")
     ap.add_argument("--no-auxk", dest="auxk", action="store_false", help="skip the topk+auxk row")
+    ap.add_argument("--peers", default="", help="results.jsonl of run_peers.sh on this host (default: the "
+                    "reference host's numbers, results-2026-11-22.txt)")
     args = ap.parse_args()
     args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -492,6 +518,10 @@ def main() -> None:
     args.overhead_blocks = max(1, min(args.overhead_blocks, args.overhead_rounds))  # at least one round a block
     args.auxk = args.auxk and not args.quick
     archs = [a for a in args.archs.split(",") if a]
+    if args.peers:
+        global PEER_BASELINE, PEERS, PEER_SOURCE
+        PEER_BASELINE, PEERS = load_peers(args.peers)
+        PEER_SOURCE = args.peers
     unknown = set(archs) - set(ARCHITECTURES)
     if unknown:
         raise SystemExit(f"unknown architectures {sorted(unknown)}; known: {sorted(ARCHITECTURES)}")

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from pipeline.saes import ARCHITECTURES, SAEParams, SparseCode, load_sae
+from pipeline.saes import topk as topk_mod
 from pipeline.saes.batchtopk import BatchTopKSAE, batch_topk_code
 from pipeline.saes.gated import GatedSAE
 from pipeline.saes.jumprelu import JumpReLUSAE
 from pipeline.saes.matryoshka import MatryoshkaBatchTopKSAE, default_prefixes
 from pipeline.saes.relu import ReLUSAE
-from pipeline.saes import topk as topk_mod
 from pipeline.saes.topk import TopKSAE
 
 D, M, V = 6, 12, 9
@@ -96,6 +96,28 @@ def test_gated_equations_and_aux_loss_does_not_update_decoder():
     assert sae.b_dec.grad is not None  # through the encoder input only
     assert sae.W_enc.grad.abs().max() > 0 and sae.b_enc.grad.abs().max() > 0
     assert sae.r_mag.grad is None or sae.r_mag.grad.abs().max() == 0
+
+
+def test_sparse_decode_equals_embedding_bag():
+    """Value and gradients (W and the per-entry weights) equal torch's embedding_bag, with empty bags and
+    repeated rows."""
+    from torch.nn import functional as F
+
+    from pipeline.saes.base import sparse_decode
+    torch.manual_seed(0)
+    W = torch.randn(10, 4, requires_grad=True)
+    idx = torch.tensor([3, 3, 0, 9, 3, 5, 5, 1])
+    offsets = torch.tensor([0, 2, 2, 5, 8])  # bags 1 and 4 empty
+    vals = torch.rand(8, requires_grad=True)
+    g = torch.randn(5, 4)
+    out = sparse_decode(W, idx, offsets, vals)
+    ref = F.embedding_bag(idx, W, offsets, mode="sum", per_sample_weights=vals)
+    torch.testing.assert_close(out, ref)
+    got = torch.autograd.grad(out, [W, vals], g)
+    want = torch.autograd.grad(ref, [W, vals], g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert got[0][[2, 4, 6, 7, 8]].abs().max() == 0  # rows no entry uses
 
 
 def test_topk_sparse_decoder_equals_dense():
@@ -236,19 +258,30 @@ def test_jumprelu_forward_and_straight_through_gradients():
     assert sae.log_threshold.grad[0].item() == pytest.approx(-(1.0 / eps) * 2)
 
 
-def test_matryoshka_loss_is_mean_of_prefix_reconstructions():
-    sae = make("matryoshka_batchtopk", k=4, prefixes=[3, 6, 12], aux_coeff=0)
+@pytest.mark.parametrize("tokenized", [False, True])
+def test_matryoshka_loss_is_mean_of_prefix_reconstructions(tokenized):
+    sae = make("matryoshka_batchtopk", tokenized=tokenized, k=4, prefixes=[3, 6, 12], aux_coeff=0)
     randomise(sae)
+    if tokenized:
+        with torch.no_grad():
+            sae.W_lookup.normal_(0, 0.3)
     sae.train()
     x = torch.randn(9, D)
-    out = sae(x)
-    f = out.latents.detach()
+    tokens = torch.randint(0, V, (9,)) if tokenized else None
+    out = sae(x, tokens)
+    params = [p for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.W_lookup) if p is not None]
+    got = torch.autograd.grad(out.loss, params)
+    # the dense formula on the same kept entries: mean over prefixes m of ||f[:m] W_dec[:m] + b_dec + lookup - x||²
+    kept = out.latents.detach() != 0
+    f = (sae.pre_acts(x) * kept).relu()
+    lookup = sae.W_lookup[sae.lookup_index[tokens]] if tokenized else 0.0
     losses = []
     for m in (3, 6, 12):
-        fm = f.clone()
-        fm[:, m:] = 0
-        losses.append(((fm @ sae.W_dec + sae.b_dec - x) ** 2).sum(-1).mean())
-    torch.testing.assert_close(out.loss, torch.stack(losses).mean())
+        losses.append(((f[:, :m] @ sae.W_dec[:m] + sae.b_dec + lookup - x) ** 2).sum(-1).mean())
+    want = torch.stack(losses).mean()
+    torch.testing.assert_close(out.loss, want)
+    for a, b in zip(got, torch.autograd.grad(want, params)):
+        torch.testing.assert_close(a.to_dense(), b)  # the lookup's gradient is sparse
     assert default_prefixes(4608) == [288, 576, 1152, 2304, 4608]
     with pytest.raises(ValueError, match="ascending"):
         make("matryoshka_batchtopk", prefixes=[6, 3, 12])

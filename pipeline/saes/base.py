@@ -10,7 +10,7 @@ so "tokenized" is one option orthogonal to the architecture (paper Sec. 4: σ ma
 gated, JumpReLU or BatchTopK).
 
 Latents come back either dense (``f`` [batch, d_sae]) or, for the TopK family, as a
-:class:`SparseCode` (the non-zeros only). A sparse code is decoded with ``embedding_bag``, so the
+:class:`SparseCode` (the non-zeros only). A sparse code is decoded by :func:`sparse_decode` (``embedding_bag``), so the
 decoder's forward and backward cost O(batch · k · d_model) instead of O(batch · d_sae · d_model)
 (the "sparse decoder" of Gao et al. 2024, Sec. 5.2 / App. D).
 
@@ -346,6 +346,44 @@ def gather_columns(pre: Tensor, cols: Tensor) -> Tensor:
     return pre.index_select(1, cols)
 
 
+class _SparseDecode(torch.autograd.Function):
+    """out[b] = Σ_{e in bag b} vals_e · W[idx_e] (``F.embedding_bag(idx, W, offsets, mode="sum",
+    per_sample_weights=vals)``) with a cheaper gradient for W: ∂L/∂W[j] = Σ_{e: idx_e = j} vals_e · g[bag_e], one
+    ``embedding_bag`` over the entries sorted by row, parallel over rows (torch's backward accumulates entry by
+    entry); ∂L/∂vals_e = ⟨g[bag_e], W[idx_e]⟩ as torch computes it."""
+
+    @staticmethod
+    def forward(ctx, W: Tensor, idx: Tensor, offsets: Tensor, vals: Tensor) -> Tensor:
+        counts = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
+        bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=idx.device), counts)
+        ctx.save_for_backward(W, idx, offsets, bags, vals)
+        return F.embedding_bag(idx, W, offsets, mode="sum", per_sample_weights=vals)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        W, idx, offsets, bags, vals = ctx.saved_tensors
+        g = g.contiguous().to(W.dtype)
+        g_W = g_vals = None
+        if ctx.needs_input_grad[3]:
+            g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W, idx, offsets, bags, 0, -1)
+        if ctx.needs_input_grad[0]:
+            order = torch.argsort(idx)
+            counts = torch.bincount(idx, minlength=W.shape[0])
+            g_W = F.embedding_bag(bags[order], g, torch.cumsum(counts, 0) - counts, mode="sum",
+                                  per_sample_weights=vals[order])
+        return g_W, None, None, g_vals
+
+
+def sparse_decode(W: Tensor, idx: Tensor, offsets: Tensor, vals: Tensor) -> Tensor:
+    """Σ over each bag's entries of vals_e · W[idx_e]: [n_bags, d] for W [rows, d], idx int64 [nnz], offsets int64
+    [n_bags] (bag starts, ascending), vals [nnz] (cast to W's dtype). Equals ``F.embedding_bag(idx, W, offsets,
+    mode="sum", per_sample_weights=vals)``, differentiable in W and vals, with W's gradient computed per row."""
+    vals = vals.to(W.dtype)
+    if torch.is_grad_enabled() and (W.requires_grad or vals.requires_grad):
+        return _SparseDecode.apply(W, idx, offsets, vals)
+    return F.embedding_bag(idx, W, offsets, mode="sum", per_sample_weights=vals)
+
+
 class _Lookup(torch.autograd.Function):
     """W[rows] [batch, d_model] for rows int64 [batch], as ``F.embedding(rows, W, padding_idx=pad, sparse=True)``
     but returning a sparse gradient with one entry per distinct row in increasing order (the padding row
@@ -528,8 +566,7 @@ class SAE(nn.Module):
     def decode_sae(self, z: Tensor | SparseCode) -> Tensor:
         """The dictionary part f · W_dec [batch, d_model] (sparse codes through ``embedding_bag``)."""
         if isinstance(z, SparseCode):
-            return F.embedding_bag(z.idx, self.W_dec, z.offsets, mode="sum",
-                                   per_sample_weights=z.vals.to(self.W_dec.dtype))
+            return sparse_decode(self.W_dec, z.idx, z.offsets, z.vals)
         return z @ self.W_dec
 
     def decode(self, f: Tensor | SparseCode, tokens: Tensor | None = None) -> Tensor:

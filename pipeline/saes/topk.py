@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
-from pipeline.saes.base import SAE, SparseCode, gather_columns, gather_pre, sq_err
+from pipeline.saes.base import SAE, SparseCode, gather_columns, gather_pre, sparse_decode, sq_err
 
 
 def topk_code(pre: Tensor, k: int) -> SparseCode:
@@ -34,7 +33,7 @@ def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, pre: Tensor, dense: bool | Non
     get gradient from this term.
 
     Two computations of the same value and gradients: sparse (the k_aux entries per token through
-    ``embedding_bag`` and :func:`gather_pre`, O(batch · k_aux · d_model) memory-bound work) or dense over
+    :func:`sparse_decode` and :func:`gather_pre`, O(batch · k_aux · d_model) memory-bound work) or dense over
     the n_dead dead columns only (:func:`gather_columns`, masked to each token's top k_aux, decoded by a
     matmul: O(batch · n_dead · d_model) at matmul speed). ``dense=None`` picks dense when
     k_aux ≥ ``AUXK_DENSE_MIN_FRACTION`` · n_dead: on a 2-core AVX2 host (fp32, batch 4096, d_model 576,
@@ -65,8 +64,7 @@ def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, pre: Tensor, dense: bool | Non
     idx = dead_idx[local.reshape(-1)]
     vals = gather_pre(pre, torch.arange(b, device=pre.device).repeat_interleave(k_aux), idx, vals.reshape(-1))
     code = SparseCode(vals.relu(), idx, torch.arange(0, b * k_aux, k_aux, device=pre.device), b)
-    e_hat = F.embedding_bag(code.idx, sae.W_dec, code.offsets, mode="sum",
-                            per_sample_weights=code.vals.to(sae.W_dec.dtype))
+    e_hat = sparse_decode(sae.W_dec, code.idx, code.offsets, code.vals)
     return p.aux_coeff * sq_err(e, e_hat)
 
 
