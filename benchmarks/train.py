@@ -35,8 +35,8 @@ the same round. After each round a float32 probe matmul (2048×576 @ 576×4608) 
 dictionary_learning 0.1.0) at this shape on this machine. Host speed drifts, so each target is a ratio
 to the dense baseline measured in this run: 1.5 × (best peer tok/s) / (the baseline's 4,607 tok/s in the
 peers' own run). Those are the reference host's numbers; ``--peers $TMPDIR/tsae-peers/results.jsonl`` takes
-them from ``run_peers.sh`` run on this host instead (the ratios differ between CPUs). Matryoshka has no peer number (no target). The dense-latent architectures (relu, gated,
-jumprelu) do the same dense work whatever their L0; the TopK family's cost is set by k. AuxK runs only
+them from ``run_peers.sh`` run on this host instead (the ratios differ between CPUs). Matryoshka has no
+peer number (no target). The dense-latent architectures (relu, gated, jumprelu) do the same dense work whatever their L0; the TopK family's cost is set by k. AuxK runs only
 when latents are dead (none in a fresh SAE; the peers' runs had none either); ``topk+auxk`` (full run
 only) marks half the latents dead to show that cost.
 

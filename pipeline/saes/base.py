@@ -107,8 +107,7 @@ class SparseCode(NamedTuple):
 
     def rows(self) -> Tensor:
         """Token index of every entry: int64 [nnz]."""
-        counts = torch.diff(self.offsets, append=self.offsets.new_tensor([self.idx.numel()]))
-        return torch.repeat_interleave(torch.arange(self.batch, device=self.idx.device), counts)
+        return bag_ids(self.offsets, self.idx.numel())
 
     def dense(self, d_sae: int) -> Tensor:
         """f [batch, d_sae] (differentiable w.r.t. vals)."""
@@ -118,6 +117,23 @@ class SparseCode(NamedTuple):
     def mask(self, keep: Tensor) -> SparseCode:
         """The same code with entries where ``keep`` [nnz] bool is False set to 0 (shape kept)."""
         return self._replace(vals=self.vals * keep)
+
+
+def bag_ids(offsets: Tensor, nnz: int) -> Tensor:
+    """The bag of every entry: int64 [nnz], for bag starts ``offsets`` int64 [n_bags] (ascending; bags may be empty)."""
+    counts = torch.diff(offsets, append=offsets.new_tensor([nnz]))
+    return torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), counts)
+
+
+def _sum_by_index(idx: Tensor, rows: Tensor, weights: Tensor, M: Tensor, n: int) -> Tensor:
+    """out[j] = Σ_{e: idx_e = j} weights_e · M[rows_e]: [n, M.shape[1]] for idx, rows int64 [nnz], weights [nnz].
+
+    One ``embedding_bag`` over the entries sorted by j, parallel over j (a backward that scatters entry by
+    entry, like torch's for ``embedding_bag``, is slower on the CPU)."""
+    order = torch.argsort(idx)
+    counts = torch.bincount(idx, minlength=n)
+    return F.embedding_bag(rows[order], M, torch.cumsum(counts, 0) - counts, mode="sum",
+                           per_sample_weights=weights[order])
 
 
 class ForwardOutput:
@@ -277,10 +293,7 @@ class _GatherPre(torch.autograd.Function):
         g_b_enc = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, idx, g)
         g_x = g_b_dec = g_W = None
         if ctx.needs_input_grad[3]:
-            order = torch.argsort(idx)
-            counts = torch.bincount(idx, minlength=m)
-            starts = torch.cumsum(counts, 0) - counts
-            g_W = F.embedding_bag(rows[order], xc, starts, mode="sum", per_sample_weights=g[order]).T
+            g_W = _sum_by_index(idx, rows, g, xc, m).T
         if ctx.needs_input_grad[2]:
             g_b_dec = -(W_enc @ g_b_enc.to(W_enc.dtype))
         if ctx.needs_input_grad[1]:
@@ -348,14 +361,12 @@ def gather_columns(pre: Tensor, cols: Tensor) -> Tensor:
 
 class _SparseDecode(torch.autograd.Function):
     """out[b] = Σ_{e in bag b} vals_e · W[idx_e] (``F.embedding_bag(idx, W, offsets, mode="sum",
-    per_sample_weights=vals)``) with a cheaper gradient for W: ∂L/∂W[j] = Σ_{e: idx_e = j} vals_e · g[bag_e], one
-    ``embedding_bag`` over the entries sorted by row, parallel over rows (torch's backward accumulates entry by
-    entry); ∂L/∂vals_e = ⟨g[bag_e], W[idx_e]⟩ as torch computes it."""
+    per_sample_weights=vals)``) with a cheaper gradient for W: ∂L/∂W[j] = Σ_{e: idx_e = j} vals_e · g[bag_e] by
+    :func:`_sum_by_index` (torch's backward accumulates entry by entry); ∂L/∂vals_e = ⟨g[bag_e], W[idx_e]⟩ as torch computes it."""
 
     @staticmethod
     def forward(ctx, W: Tensor, idx: Tensor, offsets: Tensor, vals: Tensor) -> Tensor:
-        counts = torch.diff(offsets, append=offsets.new_tensor([idx.numel()]))
-        bags = torch.repeat_interleave(torch.arange(offsets.numel(), device=idx.device), counts)
+        bags = bag_ids(offsets, idx.numel())
         ctx.save_for_backward(W, idx, offsets, bags, vals)
         return F.embedding_bag(idx, W, offsets, mode="sum", per_sample_weights=vals)
 
@@ -367,10 +378,7 @@ class _SparseDecode(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W, idx, offsets, bags, 0, -1)
         if ctx.needs_input_grad[0]:
-            order = torch.argsort(idx)
-            counts = torch.bincount(idx, minlength=W.shape[0])
-            g_W = F.embedding_bag(bags[order], g, torch.cumsum(counts, 0) - counts, mode="sum",
-                                  per_sample_weights=vals[order])
+            g_W = _sum_by_index(idx, bags, vals, g, W.shape[0])
         return g_W, None, None, g_vals
 
 
@@ -564,7 +572,7 @@ class SAE(nn.Module):
         return self.W_lookup.detach()[self.lookup_index]
 
     def decode_sae(self, z: Tensor | SparseCode) -> Tensor:
-        """The dictionary part f · W_dec [batch, d_model] (sparse codes through ``embedding_bag``)."""
+        """The dictionary part f · W_dec [batch, d_model] (sparse codes through :func:`sparse_decode`)."""
         if isinstance(z, SparseCode):
             return sparse_decode(self.W_dec, z.idx, z.offsets, z.vals)
         return z @ self.W_dec

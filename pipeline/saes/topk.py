@@ -46,7 +46,6 @@ def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, pre: Tensor, dense: bool | Non
         return None
     k_aux = min(p.aux_k, n_dead)
     dead_idx = dead.nonzero().squeeze(1)
-    b = pre.shape[0]
     e = (x.float() - x_hat.float()).detach()
     if dense is None:
         dense = k_aux >= AUXK_DENSE_MIN_FRACTION * n_dead
@@ -60,6 +59,7 @@ def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, pre: Tensor, dense: bool | Non
         e_hat = f_d @ sae.W_dec.index_select(0, dead_idx).to(f_d.dtype)
         return p.aux_coeff * sq_err(e, e_hat)
     # the top k_aux of the dead columns alone (= topk of pre with live latents masked to -inf)
+    b = pre.shape[0]
     vals, local = pre.detach().index_select(1, dead_idx).topk(k_aux, dim=-1, sorted=False)
     idx = dead_idx[local.reshape(-1)]
     vals = gather_pre(pre, torch.arange(b, device=pre.device).repeat_interleave(k_aux), idx, vals.reshape(-1))
