@@ -419,3 +419,20 @@ def test_lookup_gradient_equals_embedding(rows):
     out.backward(g_out)
     torch.testing.assert_close(got.to_dense(), W.grad)
     assert len(rows_got) == len(set(idx.tolist()) - ({rows} if rows else set()))
+
+
+@pytest.mark.parametrize("impl", ["_group_by_row_numpy", "_group_by_row_torch"])  # the CPU and the accelerator path
+def test_group_by_row(impl):
+    """group_by_row: distinct rows ascending, where each one's positions start, the positions stably sorted."""
+    from pipeline.saes import base
+
+    rows = torch.tensor([7, 2, 7, 0, 2, 7, 9])
+    uniq, starts, order = getattr(base, impl)(rows)
+    assert uniq.tolist() == [0, 2, 7, 9]
+    assert starts.tolist() == [0, 1, 3, 6]
+    assert order.tolist() == [3, 1, 4, 0, 2, 5, 6]
+    big = torch.randint(0, 50, (1000,), generator=torch.Generator().manual_seed(0))
+    uniq, starts, order = getattr(base, impl)(big)
+    assert torch.equal(order, torch.argsort(big, stable=True))
+    u, counts = torch.unique(big, return_counts=True)
+    assert torch.equal(uniq, u) and torch.equal(starts, torch.cumsum(counts, 0) - counts)

@@ -172,13 +172,17 @@ def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
         assert any("heldout_ce_added" in row for row in log)
 
 
+@pytest.mark.parametrize("fused", [True, False])  # torch's fused Adam kernel directly, or torch.optim.adam.adam
 @pytest.mark.parametrize("width", [6, 8])  # 24-byte rows: plain index_copy_; 32-byte rows: 16-byte element copies
-def test_lazy_adam_equals_sparse_adam(width):
+def test_lazy_adam_equals_sparse_adam(width, fused, monkeypatch):
     """pipeline.training.LazyAdam makes torch.optim.SparseAdam's updates (parameter and moments), touching only
     the rows of each step's sparse gradient, and refuses a dense gradient."""
     import copy
 
+    from pipeline import training
     from pipeline.training import LazyAdam
+
+    monkeypatch.setattr(training, "_fused_ok", lambda params: fused)
 
     torch.manual_seed(0)
     w0 = torch.randn(40, width)
@@ -210,6 +214,14 @@ def test_lazy_adam_equals_sparse_adam(width):
     a.grad = torch.ones_like(a)
     with pytest.raises(ValueError, match="sparse gradients"):
         opt_a.step()
+
+
+def test_strictly_increasing():
+    """LazyAdam's check that a sparse gradient's rows are distinct and sorted (then it skips coalescing)."""
+    from pipeline.training import _strictly_increasing
+
+    for rows, want in (([1, 3, 5], True), ([1, 1, 2], False), ([2, 1], False), ([4], True), ([], True)):
+        assert _strictly_increasing(torch.tensor(rows, dtype=torch.long)) is want
 
 
 def test_resolve_autocast_picks_and_warns(monkeypatch):

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -392,30 +393,53 @@ def sparse_decode(W: Tensor, idx: Tensor, offsets: Tensor, vals: Tensor) -> Tens
     return F.embedding_bag(idx, W, offsets, mode="sum", per_sample_weights=vals)
 
 
+def group_by_row(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The positions of rows int64 [n] grouped by value: (uniq [u] the distinct values ascending, starts [u]
+    where each value's group begins in ``order``, order [n] the positions, stably sorted by value), all int64.
+
+    A stable sort by row as an (unstable, ~4× faster) sort of the distinct keys row·n + position. On the
+    CPU in NumPy: each small torch op here cost 30-200 µs after a training step's large ops had evicted the
+    caches (torch.sort of 4,096 keys ~200 µs, NumPy's ~60 µs; the whole grouping 0.38 → 0.19 ms).
+    """
+    return _group_by_row_numpy(rows) if rows.device.type == "cpu" else _group_by_row_torch(rows)
+
+
+def _group_by_row_numpy(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n = rows.numel()
+    key = rows.numpy() * n + np.arange(n)
+    key.sort()
+    sorted_rows, order = key // n, key % n
+    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+    return torch.from_numpy(sorted_rows[starts]), torch.from_numpy(starts), torch.from_numpy(order)
+
+
+def _group_by_row_torch(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    n = rows.numel()
+    key = torch.sort(rows * n + torch.arange(n, device=rows.device)).values
+    sorted_rows, order = key.div(n, rounding_mode="floor"), key.remainder(n)
+    uniq, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    return uniq, torch.cumsum(counts, 0) - counts, order
+
+
 class _Lookup(torch.autograd.Function):
     """W[rows] [batch, d_model] for rows int64 [batch], as ``F.embedding(rows, W, padding_idx=pad, sparse=True)``
     but returning a sparse gradient with one entry per distinct row in increasing order (the padding row
     left out), so the lazy Adam does not sort and sum the batch's duplicates (autograd's accumulation drops
-    the "coalesced" flag; :class:`pipeline.training.LazyAdam` checks the order instead). The batch is sorted once (stable)
-    in the forward; the backward's per-row sums are one ``embedding_bag`` over the batch positions in that
-    order (parallel over rows; ``index_add_`` would materialise an int64 [batch, d_model] index and scatter
-    serially)."""
+    the "coalesced" flag; :class:`pipeline.training.LazyAdam` checks the order instead). The batch is grouped
+    by row once in the forward (:func:`group_by_row`); the backward's per-row sums are one ``embedding_bag``
+    over the batch positions in that order (parallel over rows; ``index_add_`` would materialise an int64
+    [batch, d_model] index and scatter serially)."""
 
     @staticmethod
     def forward(ctx, W: Tensor, rows: Tensor, pad: int | None) -> Tensor:
-        # stable sort by row as an (unstable, ~4× faster on the CPU) sort of distinct keys row·n + position
-        n = rows.numel()
-        key = torch.sort(rows * n + torch.arange(n, device=rows.device)).values
-        sorted_rows, order = key.div(n, rounding_mode="floor"), key.remainder(n)
-        uniq, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-        ctx.save_for_backward(uniq, counts, order)
+        ctx.save_for_backward(*group_by_row(rows))
         ctx.shape, ctx.pad = W.shape, pad
         return W.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        uniq, counts, order = ctx.saved_tensors
-        grad = F.embedding_bag(order, g.contiguous(), torch.cumsum(counts, 0) - counts, mode="sum")
+        uniq, starts, order = ctx.saved_tensors
+        grad = F.embedding_bag(order, g.contiguous(), starts, mode="sum")
         if ctx.pad is not None:
             keep = uniq != ctx.pad
             uniq, grad = uniq[keep], grad[keep]
