@@ -147,7 +147,9 @@ def run(config: str, overrides: tuple[str, ...]) -> None:
     an = analyze.run(cfg)
     times["analyze"] = time.perf_counter() - t
     click.echo("")
-    click.echo(f"cache:    {h['path']}  ({h['tokens']:,} tokens; harvest {h['tokens_per_s']:,.0f} tokens/s)")
+    done = (f"harvest {h['tokens_per_s']:,.0f} tokens/s" if h.get("new_tokens")
+            else "already complete, no model work")
+    click.echo(f"cache:    {h['path']}  ({h['tokens']:,} tokens; {done})")
     click.echo(f"SAEs:     {tr['out_dir']}")
     click.echo(f"analysis: {an['out_dir']}  (report: {an['report']}, {an['report_html']})")
     click.echo("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))

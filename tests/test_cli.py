@@ -16,6 +16,7 @@ def test_run_end_to_end_on_tiny_llama(tmp_path):
     r = CliRunner().invoke(cli.main, ["run", str(TINY), *_sets(tmp_path), "--set", "harvest.model=tiny-llama"])
     assert r.exit_code == 0, r.output
     assert "held-out evaluation" in r.output and "topk-tok" in r.output and "wall time" in r.output
+    assert "harvest nan" not in r.output and "tokens/s)" in r.output  # the harvest's speed (it did model work)
     from pipeline.config import ANALYSES
 
     res = json.loads((tmp_path / "analysis" / "results.json").read_text())
@@ -41,3 +42,17 @@ def test_stage_commands_separately_and_errors(tmp_path):
     assert r.exit_code == 0 and f"cache: {tmp_path / 'cache'}" in r.output
     r = runner.invoke(cli.main, ["harvest", str(TINY), *_sets(tmp_path), "--set", "harvest.nope=1"])
     assert r.exit_code == 2 and "unknown key" in r.output
+
+
+def test_run_summary_with_a_complete_cache(tmp_path, monkeypatch):
+    """When the cache was already complete (no model work), the summary says so instead of a speed."""
+    from stages import analyze, harvest, train
+
+    monkeypatch.setattr(harvest, "run", lambda cfg: {"path": "c", "n_seq": 2, "tokens": 512, "seconds": 0.0,
+                                                     "tokens_per_s": float("nan")})
+    monkeypatch.setattr(train, "run", lambda cfg: {"out_dir": "s", "results": []})
+    monkeypatch.setattr(analyze, "run", lambda cfg: {"out_dir": "a", "report": "a/report.md",
+                                                     "report_html": "a/report.html"})
+    r = CliRunner().invoke(cli.main, ["run", str(TINY), *_sets(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "(512 tokens; already complete, no model work)" in r.output and "nan" not in r.output
