@@ -436,3 +436,4 @@ def test_group_by_row(impl):
     assert torch.equal(order, torch.argsort(big, stable=True))
     u, counts = torch.unique(big, return_counts=True)
     assert torch.equal(uniq, u) and torch.equal(starts, torch.cumsum(counts, 0) - counts)
+    assert all(t.numel() == 0 for t in getattr(base, impl)(torch.zeros(0, dtype=torch.long)))  # an empty batch

@@ -409,7 +409,7 @@ def _group_by_row_numpy(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     key = rows.numpy() * n + np.arange(n)
     key.sort()
     sorted_rows, order = key // n, key % n
-    starts = np.flatnonzero(np.r_[True, sorted_rows[1:] != sorted_rows[:-1]])
+    starts = np.flatnonzero(np.r_[n > 0, sorted_rows[1:] != sorted_rows[:-1]])
     return torch.from_numpy(sorted_rows[starts]), torch.from_numpy(starts), torch.from_numpy(order)
 
 
