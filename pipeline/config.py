@@ -135,7 +135,13 @@ class SAEConfig:
     prefixes: list[int] = field(default_factory=list)
     """Matryoshka nested dictionary sizes (ascending, last = d_sae); empty: d_sae/16 … d_sae."""
     seed: int = -1
-    """-1 takes ``train.seed``."""
+    """-1 takes ``train.seed``. Each SAE's random initialisation is drawn from an init seed derived from this
+    seed and the SAE's name (pipeline/saes/init.py), so no two SAEs share initial weights by accident."""
+    init_like: str = ""
+    """Start from the initial weights of another SAE of the run: its name, or ``"plain-twin"`` = the plain
+    (untokenized) SAE whose other fields are all equal (on a plain SAE itself: no pairing). Needs the same
+    d_sae and initialisation scheme. A tokenized twin of a plain SAE then differs at initialisation only by
+    its lookup and the α scaling: a controlled comparison. Empty: the SAE's own init seed."""
 
     def validate(self, where: str) -> None:
         from pipeline.saes.registry import ARCHITECTURES
@@ -302,8 +308,13 @@ class AnalyzeConfig:
     n_freq_bins: int = 12
     """Log-spaced unigram-frequency bins for reconstruction MSE by frequency."""
     unigram_threshold: float = 0.5
-    """A unigram activates a latent when f(unigram) > threshold * (the latent's max activation on
-    held-out tokens)."""
+    """A unigram activates a live latent when f(unigram) > threshold * (the latent's max activation on
+    held-out tokens) (``unigram_threshold_mode = "relative"``), or > threshold (``"absolute"``, latent units)."""
+    unigram_threshold_mode: str = "relative"
+    """"relative" (a fraction of the latent's held-out max) or "absolute" (an activation value)."""
+    unigram_threshold_sweep: list[float] = field(default_factory=list)
+    """Thresholds (in ``unigram_threshold_mode``) of the sweep reported next to the headline fraction; empty:
+    relative 0, 0.1, 0.25, 0.5, 0.75, 0.9 / absolute 0.01 … 3 (pipeline/analysis/unigram_features.py)."""
     eval_tokens: int = 50_000
     """Held-out tokens encoded for the per-token analyses."""
     device: str = "auto"
@@ -348,8 +359,13 @@ class AnalyzeConfig:
                   "stitching_tokens")
         if self.meta_sae_latents < 0:
             raise ConfigError("analyze.meta_sae_latents must be ≥ 0 (0 = d_sae / 16)")
-        if not 0.0 <= self.unigram_threshold < 1.0:
-            raise ConfigError("analyze.unigram_threshold must be in [0, 1)")
+        if self.unigram_threshold_mode not in ("relative", "absolute"):
+            raise ConfigError(f"analyze.unigram_threshold_mode={self.unigram_threshold_mode!r}: use \"relative\" "
+                              "(fraction of the latent's held-out max) or \"absolute\" (activation value)")
+        if self.unigram_threshold_mode == "relative" and not 0.0 <= self.unigram_threshold < 1.0:
+            raise ConfigError("analyze.unigram_threshold must be in [0, 1) with unigram_threshold_mode = \"relative\"")
+        if self.unigram_threshold < 0 or any(t < 0 for t in self.unigram_threshold_sweep):
+            raise ConfigError("analyze.unigram_threshold and unigram_threshold_sweep must be >= 0")
         for key in ("matching_threshold", "stitching_threshold"):
             if not 0.0 < getattr(self, key) < 1.0:
                 raise ConfigError(f"analyze.{key} must be in (0, 1) (a decoder cosine)")

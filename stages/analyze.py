@@ -81,7 +81,8 @@ class Context:
 
     @cached_property
     def unigram_counts(self) -> np.ndarray:
-        """int64 [d_vocab]: each token's count in the cache."""
+        """int64 [d_vocab]: each token's count in the whole cache (training and held-out, BOS included); the
+        frequency-binned analyses use :attr:`train_counts`."""
         from pipeline.analysis.ngrams import unigram_counts
 
         return unigram_counts(self.tokens, self.d_vocab, scheduler=self.scheduler)
@@ -94,6 +95,42 @@ class Context:
         if key not in self.__dict__:
             self.__dict__[key] = count_ngrams(self.tokens, n, self.d_vocab, scheduler=self.scheduler)
         return self.__dict__[key]
+
+    @cached_property
+    def train_chunks(self) -> list[int]:
+        """The chunks training read: every chunk of the cache that is not held out (the trainer's split is a
+        partition of the chunks, pipeline/reader.py ``split_chunks``)."""
+        from pipeline.reader import n_chunks
+
+        held = set(self.held_chunks)
+        return [c for c in range(n_chunks(self.cache)) if c not in held]
+
+    @cached_property
+    def train_tokens(self):
+        """The training chunks' tokens as a dask array [training sequences, context] (never loaded whole)."""
+        import dask.array as da
+
+        from pipeline.reader import chunk_rows
+
+        parts = [self.tokens[a:b] for a, b in (chunk_rows(self.cache, c) for c in self.train_chunks) if b > a]
+        return da.concatenate(parts, axis=0)
+
+    @cached_property
+    def train_counts(self) -> np.ndarray:
+        """int64 [d_vocab]: each token's count in the training split with the BOS position excluded — the
+        "training frequency" of every frequency-binned analysis (held-out chunks are never counted)."""
+        from pipeline.analysis.ngrams import unigram_counts
+
+        drop = 1 if self.cache.meta["prepend_bos"] else 0
+        return unigram_counts(self.train_tokens[:, drop:], self.d_vocab, scheduler=self.scheduler)
+
+    @cached_property
+    def train_bigrams(self):
+        """:class:`pipeline.analysis.ngrams.NgramCounts` (n = 2) of the training split: one (previous token, token)
+        bigram per training token after position 0 (the BOS position is never a current token)."""
+        from pipeline.analysis.ngrams import count_ngrams
+
+        return count_ngrams(self.train_tokens, 2, self.d_vocab, scheduler=self.scheduler)
 
     @cached_property
     def held_chunks(self) -> list[int]:
@@ -207,8 +244,9 @@ def section_ngrams(ctx: Context) -> Section:
                      [[n, f"{s['total']:,}", f"{s['distinct']:,}", f"{s['top10_share']:.1%}",
                        f"{s['top100_share']:.1%}"] for n, s in stats.items()])
     return Section("ngrams", "n-gram statistics (Tokenized SAEs, Sec. 2, Fig. 1)",
-                   [f"Counted with dask over the Zarr `tokens` array ({ctx.cache.n_seq * ctx.cache.context_size:,} "
-                    "tokens), n-grams within sequences."],
+                   [f"Counted with dask over the whole Zarr `tokens` array ({ctx.cache.n_seq * ctx.cache.context_size:,} "
+                    "tokens: training and held-out chunks, BOS positions included), n-grams within sequences. The "
+                    "frequency-binned analyses below count the training split only."],
                    [overview, *tables],
                    [Figure(fig, "Count of each n-gram against its frequency rank (log-log): a few short n-grams "
                                 "dominate the training data.")],
@@ -219,84 +257,130 @@ def section_mse_by_freq(ctx: Context) -> Section:
     from pipeline.analysis.reconstruction import by_frequency, frequency_bins
 
     x, t = ctx.heldout
-    freq = ctx.unigram_counts[t.cpu().numpy()]
-    edges = frequency_bins(np.maximum(freq, 1), ctx.cfg.analyze.n_freq_bins)
+    freq = ctx.train_counts[t.cpu().numpy()]
+    seen = freq > 0
+    edges = frequency_bins(np.maximum(freq[seen], 1), ctx.cfg.analyze.n_freq_bins)
     var = ctx.var_per_token
-    mse_rows = {n: by_frequency(e.mse / var, freq, edges) for n, e in ctx.errors.items()}
-    l0_rows = {n: by_frequency(e.l0, freq, edges) for n, e in ctx.errors.items()}
+    mse_rows = {n: by_frequency(e.mse[seen] / var, freq[seen], edges) for n, e in ctx.errors.items()}
+    l0_rows = {n: by_frequency(e.l0[seen], freq[seen], edges) for n, e in ctx.errors.items()}
+    unseen = {n: _unseen_row(e.mse[~seen] / var, e.l0[~seen]) for n, e in ctx.errors.items()}
+    xlabel = "token count in the training split (BOS excluded)"
     f1 = plots.plot_by_frequency(mse_rows, "per-token MSE / mean per-token variance",
-                                 "reconstruction error by token frequency", ctx.out / "mse_by_frequency.png")
+                                 "reconstruction error by token frequency", ctx.out / "mse_by_frequency.png", xlabel)
     f2 = plots.plot_by_frequency(l0_rows, "active latents (L0)", "active latents by token frequency",
-                                 ctx.out / "l0_by_frequency.png")
-    figures = [Figure(f1, "Per-token reconstruction error by how often the token occurs in the cache: rare "
+                                 ctx.out / "l0_by_frequency.png", xlabel)
+    figures = [Figure(f1, "Per-token reconstruction error by how often the token occurs in the training split: rare "
                           "tokens are reconstructed worse, less so with a lookup (paper Fig. 2)."),
-               Figure(f2, "Active latents per token by token frequency: frequent tokens use fewer latents "
-                          "(paper Fig. 3).")]
+               Figure(f2, "Active latents per token by token frequency in the training split: frequent tokens use "
+                          "fewer latents (paper Fig. 3).")]
     _write_csv(ctx.out / "mse_by_frequency.csv", [{"sae": n, **r, "mean_l0": l0_rows[n][i]["mean"]}
                                                   for n, rows in mse_rows.items() for i, r in enumerate(rows)])
     names = list(mse_rows)
     first = mse_rows[names[0]]
-    tables = [Table("MSE / variance by unigram count", ["token count", "tokens", *names],
-                    [[f"{r['lo']:.0f}–{r['hi']:.0f}", f"{r['n']:,}",
-                      *[f"{mse_rows[n][i]['mean']:.4f}" for n in names]] for i, r in enumerate(first)])]
-    data: dict[str, Any] = {"normaliser_per_token_variance": var, "bins": mse_rows, "l0_bins": l0_rows}
+    n_unseen = int((~seen).sum())
+    table_rows = [[f"{r['lo']:.0f}–{r['hi']:.0f}", f"{r['n']:,}", *[f"{mse_rows[n][i]['mean']:.4f}" for n in names]]
+                  for i, r in enumerate(first)]
+    if n_unseen:
+        table_rows.insert(0, ["0 (never in training)", f"{n_unseen:,}", *[f"{unseen[n]['mse']:.4f}" for n in names]])
+    tables = [Table("MSE / variance by the token's count in the training split", ["token count", "tokens", *names],
+                    table_rows)]
+    data: dict[str, Any] = {"normaliser_per_token_variance": var, "counts": "training split, BOS position excluded",
+                            "bins": mse_rows, "l0_bins": l0_rows, "unseen_in_training": unseen}
     try:
         from pipeline.analysis.reconstruction import bigram_frequency
 
-        bg = ctx.ngrams(2)
-        bfreq = bigram_frequency(bg, ctx.heldout_prev, t.cpu().numpy())
+        bfreq = bigram_frequency(ctx.train_bigrams, ctx.heldout_prev, t.cpu().numpy())
         valid = bfreq > 0
         bedges = frequency_bins(np.maximum(bfreq[valid], 1), ctx.cfg.analyze.n_freq_bins)
         bi_rows = {n: by_frequency(e.mse[valid] / var, bfreq[valid], bedges) for n, e in ctx.errors.items()}
         f3 = plots.plot_by_frequency(bi_rows, "per-token MSE / mean per-token variance",
-                                     "reconstruction error by bigram frequency", ctx.out / "mse_by_bigram_frequency.png")
+                                     "reconstruction error by bigram frequency", ctx.out / "mse_by_bigram_frequency.png",
+                                     "(previous, current) bigram count in the training split")
         figures.append(Figure(f3, "Per-token reconstruction error by the count of the (previous, current) bigram "
-                                  "in the cache (paper App. C.5)."))
+                                  "in the training split (paper App. C.5); bigrams never seen in training are left "
+                                  "out."))
         data["bigram_bins"] = bi_rows
+        data["bigram_unseen_tokens"] = int((~valid).sum())
     except ImportError:
         pass
     return Section("mse_by_freq", "Reconstruction MSE and L0 by token frequency (Tokenized SAEs, Fig. 2–3, App. C.5)",
                    [f"Per-token ‖x − x̂‖² divided by the held-out mean per-token variance ({len(x):,} held-out "
-                    "tokens), binned by the token's (or bigram's) count in the cache."],
+                    "tokens), binned by the token's (or bigram's) count in the training split — the chunks the "
+                    "SAEs were trained on, held-out chunks never counted, the BOS position (0) excluded; bigrams "
+                    f"are (previous, current) pairs for every training position after the BOS. {n_unseen:,} held-out "
+                    "tokens never occur in training: they are reported on their own row, not in the lowest bin."],
                    tables, figures, data)
 
 
-def section_unigram_features(ctx: Context) -> Section:
-    from pipeline.analysis.unigram_features import unigram_feature_counts
+def _unseen_row(mse: np.ndarray, l0: np.ndarray) -> dict:
+    """{n, mse, mse_sem, l0} of the held-out tokens never seen in training (NaN when there are none)."""
+    n = len(mse)
+    return {"n": n, "mse": float(mse.mean()) if n else math.nan,
+            "mse_sem": float(mse.std() / np.sqrt(n)) if n else math.nan, "l0": float(l0.mean()) if n else math.nan}
 
-    a = ctx.cfg.analyze
+
+def section_unigram_features(ctx: Context) -> Section:
+    from pipeline.analysis import unigram_features as U
     from pipeline.analysis.features import plot_unigram_match, unigram_match
 
+    a = ctx.cfg.analyze
+    mode, thr = a.unigram_threshold_mode, a.unigram_threshold
+    grid = sorted(set(a.unigram_threshold_sweep or U.DEFAULT_SWEEP[mode]) | {thr})
     t_np = ctx.heldout[1].cpu().numpy()
-    counts, rows, matches = {}, [], {}
+    counts, rows, matches, sweeps = {}, [], {}, {}
     for n, s in ctx.saes.items():
-        u = unigram_feature_counts(s, ctx.unigram, ctx.errors[n].max_act, a.unigram_threshold)
+        u = U.unigram_feature_counts(s, ctx.unigram, ctx.errors[n].max_act, thr, mode)
         top = ctx.top[n]
         matches[n] = unigram_match(u.top_unigram, np.where(top.alive, t_np[np.maximum(top.index, 0)], -1))
-        counts[n] = u.counts
-        rows.append({"sae": n, "tokenized": s.params.tokenized, "d_sae": s.params.d_sae,
-                     "fraction_latents_activated_by_a_unigram": u.fraction_activated,
-                     "mean_unigrams_per_latent": float(u.counts.mean()),
+        if u.n_live:
+            counts[n] = u.counts[u.live]
+        frac, lo, hi = u.fraction_at(thr)
+        live_counts = u.counts[u.live]
+        rows.append({"sae": n, "tokenized": s.params.tokenized, "d_sae": s.params.d_sae, "live_latents": u.n_live,
+                     "dead_latents": u.n_dead, "dead_latents_unigram_positive": u.dead_unigram_positive,
+                     "fraction_latents_activated_by_a_unigram": frac, "ci_low": lo, "ci_high": hi,
+                     "mean_unigrams_per_live_latent": float(live_counts.mean()) if len(live_counts) else math.nan,
                      "top_unigram_is_top_token": matches[n].fraction,
-                     "median_unigrams_per_active_latent": float(np.median(u.counts[u.counts > 0]))
-                     if (u.counts > 0).any() else 0.0})
+                     "median_unigrams_per_activated_latent": float(np.median(live_counts[live_counts > 0]))
+                     if (live_counts > 0).any() else 0.0})
+        sweeps[n] = u.sweep(grid)
         np.save(ctx.out / f"unigram_counts_{n}.npy", u.counts)
+    tok = [n for n, s in ctx.saes.items() if s.params.tokenized]
     fig = plots.plot_unigram_counts(counts, ctx.out / "unigram_feature_counts.png")
     fig2 = plot_unigram_match(matches, ctx.out / "unigram_match.png")
+    fig3 = U.plot_threshold_sweep(sweeps, ctx.out / "unigram_threshold_sweep.png", tokenized=tok, chosen=thr)
     _write_csv(ctx.out / "unigram_features.csv", rows)
-    table = Table("Latents activated by unigrams", ["SAE", "tokenized", "d_sae", "latents activated by ≥1 unigram",
-                                                    "mean unigrams / latent", "top unigram = top cache token"],
-                  [[r["sae"], r["tokenized"], r["d_sae"], f"{r['fraction_latents_activated_by_a_unigram']:.1%}",
-                    f"{r['mean_unigrams_per_latent']:.1f}", f"{r['top_unigram_is_top_token']:.1%}"] for r in rows])
+    _write_csv(ctx.out / "unigram_threshold_sweep.csv", [{"sae": n, **r} for n, rs in sweeps.items() for r in rs])
+    table = Table("Live latents activated by unigrams (95% Wilson interval)",
+                  ["SAE", "tokenized", "d_sae", "live latents", "dead latents", "unigram features among live",
+                   "95% interval", "mean unigrams / live latent", "top unigram = top cache token",
+                   "dead latents with f(u_t) > 0"],
+                  [[r["sae"], r["tokenized"], r["d_sae"], f"{r['live_latents']:,}", f"{r['dead_latents']:,}",
+                    _pct(r["fraction_latents_activated_by_a_unigram"]), f"{_pct(r['ci_low'])}–{_pct(r['ci_high'])}",
+                    _fmt(r["mean_unigrams_per_live_latent"]), _pct(r["top_unigram_is_top_token"]),
+                    f"{r['dead_latents_unigram_positive']:,}"] for r in rows])
+    sweep_table = Table(f"Unigram features among live latents by threshold ({mode})",
+                        ["SAE", *[f"{t:g}" for t in grid]],
+                        [[n, *[f"{_pct(r['fraction'])} [{_pct(r['ci_low'])}–{_pct(r['ci_high'])}]" for r in rs]]
+                         for n, rs in sweeps.items()])
+    n_held = len(t_np)
+    definition = U.describe_threshold(thr, mode)
     return Section("unigram_features", "Unigram-activation feature counts (Tokenized SAEs, Sec. 3.2, 5.1, Fig. 9)",
-                   [f"Every `[BOS, t]` activation is encoded; a unigram activates a latent when f(u_t) > "
-                    f"{a.unigram_threshold} × the latent's max activation on held-out tokens."],
-                   [table],
-                   [Figure(fig, "How many unigrams activate each latent: a plain SAE spends many latents on single "
+                   [f"Every `[BOS, t]` activation u_t is encoded; unigram t activates latent i when {definition}. "
+                    f"Only live latents count — those that fired on at least one of the {n_held:,} held-out tokens; "
+                    "dead latents are listed separately and never counted as unigram features. The fraction is the "
+                    f"share of live latents activated by at least one unigram; interval: {U.INTERVAL_METHOD}. The "
+                    "sweep shows how the fraction depends on the threshold."],
+                   [table, sweep_table],
+                   [Figure(fig, "How many unigrams activate each live latent: a plain SAE spends many latents on single "
                                 "tokens, a tokenized one far fewer."),
                     Figure(fig2, "Per SAE, the share of alive latents whose strongest unigram is also the token at "
-                                 "their top-activating held-out position, next to the share any unigram activates.")],
-                   {"threshold": a.unigram_threshold, "rows": rows,
+                                 "their top-activating held-out position, next to the share any unigram activates."),
+                    Figure(fig3, "Fraction of live latents activated by at least one unigram against the threshold, "
+                                 "with 95% Wilson bands (dotted: the report's threshold): the comparison between SAEs "
+                                 "should hold at every threshold, not only at one.")],
+                   {"threshold": thr, "mode": mode, "definition": definition, "interval_method": U.INTERVAL_METHOD,
+                    "heldout_tokens": n_held, "rows": rows, "sweep": sweeps,
                     "fraction": {r["sae"]: r["fraction_latents_activated_by_a_unigram"] for r in rows}})
 
 
@@ -340,12 +424,13 @@ def section_frontiers(ctx: Context) -> Section:
         if s.W_lookup is None:
             continue
         alpha = float(s.params.extra.get("train", {}).get("alpha", 0.5))
-        drifts[n] = F.lookup_drift(s.lookup_table(), ctx.unigram, alpha, ctx.unigram_counts, s.lookup_index,
+        drifts[n] = F.lookup_drift(s.lookup_table(), ctx.unigram, alpha, ctx.train_counts, s.lookup_index,
                                    s.params.lookup_rows)
     if drifts:
         path = F.plot_lookup_drift(drifts, ctx.out / "lookup_drift.png")
         figs.append(Figure(path, "Cosine between each trained lookup row and its unigram initialisation, for tokens "
-                                 "seen in training: how much the lookup moved away from a unigram table."))
+                                 "seen in training (count > 0 in the training split, BOS position excluded): how "
+                                 "much the lookup moved away from a unigram table."))
         summ = {n: d.summary() for n, d in drifts.items()}
         tables.append(Table("Trained lookup vs α·unigram initialisation",
                             ["SAE", "α", "rows", "seen", "mean cos (seen)", "median rel. change (seen)"],
@@ -382,7 +467,7 @@ def section_unigram_cosine(ctx: Context) -> Section:
 
     res, rows = {}, []
     for n, s in ctx.saes.items():
-        uc = F.encoder_unigram_cosine(s.W_enc.detach(), ctx.unigram.to(s.W_enc.device), center=s.b_dec.detach())
+        uc = F.encoder_unigram_cosine(s.W_enc.detach(), ctx.unigram.to(s.W_enc.device))  # raw u_t (paper App. C.3)
         alive = ctx.top[n].alive
         res[n] = uc.max_cos[alive]
         sm = uc.summary(mask=alive)
@@ -395,8 +480,8 @@ def section_unigram_cosine(ctx: Context) -> Section:
     cols = ["SAE", "tokenized", "alive latents", "mean max cos", "median max cos",
             *[f"share > {t}" for t in (0.5, 0.7, 0.9)]]
     return Section("unigram_cosine", "Encoder vs unigram activations (Tokenized SAEs, App. C.3, Fig. 15)",
-                   ["For each alive latent, the largest cosine between its encoder vector and any unigram activation "
-                    "(minus b_dec)."],
+                   ["For each alive latent, the largest cosine between its encoder vector and any raw unigram "
+                    "activation u_t (nothing subtracted, as in the paper)."],
                    [Table("Max encoder–unigram cosine", cols, rows)],
                    [Figure(fig, "Histogram over latents of the best cosine between the encoder vector and any unigram "
                                 "activation: mass near 1 means latents that detect single tokens.")],
@@ -506,38 +591,73 @@ def section_matching(ctx: Context) -> Section:
 
     a = ctx.cfg.analyze
     mm = Mt.matching_matrix(ctx.saes, a.matching_threshold)
+    mm0 = Mt.initial_matching_matrix(ctx.saes, a.matching_threshold)
     f1 = Mt.plot_matching_matrix(mm, ctx.out / "matching_mmcs.png", "mmcs")
     f2 = Mt.plot_matching_matrix(mm, ctx.out / "matching_ratio.png", "ratio")
     _write_csv(ctx.out / "matching.csv", mm.rows())
+    _write_csv(ctx.out / "matching_at_init.csv", mm0.rows())
     figs = [Figure(f1, "MMCS of the row SAE's latents against the column SAE's, by decoder (left) and encoder "
                        "(right) directions: how much two dictionaries share."),
             Figure(f2, f"Matching ratio (share of latents with a partner above cosine {a.matching_threshold}) for "
                        "every pair of SAEs.")]
     pairs = seed_pairs(ctx.evals)
-    rows, data = [], {"matrix": mm.rows(), "seed_pairs": {}}
+    rows, data = [], {"matrix": mm.rows(), "matrix_at_init": mm0.rows(), "seed_pairs": {}}
     matchings = {}
+    index = {n: i for i, n in enumerate(mm.names)}
     for x, y in pairs:
         m = Mt.match_saes(ctx.saes[x], ctx.saes[y], "decoder", a.matching_threshold,
                           use_hungarian=max(ctx.saes[x].params.d_sae, ctx.saes[y].params.d_sae) <= Mt.HUNGARIAN_MAX)
         matchings[f"{x} vs {y}"] = m
         sm = m.summary()
+        i, j = index[x], index[y]
+        sm["mmcs_ab_at_init"] = float(mm0.mmcs["decoder"][i, j])
+        sm["ratio_ab_at_init"] = float(mm0.ratio["decoder"][i, j])
         data["seed_pairs"][f"{x} vs {y}"] = sm
-        rows.append([x, y, f"{sm['mmcs_ab']:.3f}", f"{sm['ratio_ab']:.1%}", f"{sm['hungarian_mean']:.3f}",
-                     f"{sm['hungarian_ratio']:.1%}"])
+        rows.append([x, y, f"{sm['mmcs_ab']:.3f}", _fmt3(sm["mmcs_ab_at_init"]), f"{sm['ratio_ab']:.1%}",
+                     _pct(sm["ratio_ab_at_init"]), f"{sm['hungarian_mean']:.3f}", f"{sm['hungarian_ratio']:.1%}"])
     tables = []
     if rows:
-        tables.append(Table("Seeds: decoder matching", ["SAE A", "SAE B", "MMCS", f"ratio > {a.matching_threshold}",
-                                                         "Hungarian mean cos", "Hungarian ratio"], rows))
+        tables.append(Table("Seeds: decoder matching, trained and at initialisation",
+                            ["SAE A", "SAE B", "MMCS", "MMCS at init", f"ratio > {a.matching_threshold}",
+                             "ratio at init", "Hungarian mean cos", "Hungarian ratio"], rows))
         figs.append(Figure(Mt.plot_max_cosine(matchings, ctx.out / "matching_max_cosine.png"),
                            "Each latent's best decoder cosine in the other seed's SAE; latents right of the "
                            "threshold are shared, the rest seed-specific."))
     names = mm.names
-    tables.append(Table("MMCS by decoder (row vs column)", ["SAE", *names],
-                        [[n, *[f"{v:.3f}" for v in mm.mmcs["decoder"][i]]] for i, n in enumerate(names)]))
+    for metric, label, fmt in (("mmcs", "MMCS", _fmt3), ("ratio", f"Matching ratio (cos > {a.matching_threshold})",
+                                                           _pct)):
+        trained, init = getattr(mm, metric)["decoder"], getattr(mm0, metric)["decoder"]
+        tables.append(Table(f"{label} by decoder (row SAE vs column SAE): trained (at initialisation)",
+                            ["SAE", *names],
+                            [[n, *[f"{fmt(trained[i, j])} ({fmt(init[i, j])})" for j in range(len(names))]]
+                             for i, n in enumerate(names)]))
+    groups: dict[int, list[str]] = {}
+    for n in names:
+        if (seed := _init_seed(ctx.saes[n])) is not None:
+            groups.setdefault(seed, []).append(n)
+    shared = ["{" + ", ".join(g) + "}" for g in groups.values() if len(g) > 1]
+    data["shared_init_seed"] = [g for g in groups.values() if len(g) > 1]
     return Section("matching", "Feature matching between SAEs (Cho 2025; MMCS, Sharkey et al. 2022)",
                    ["Max cosine similarity of each latent's decoder (encoder) direction with all latents of another "
                     "SAE; MMCS is its mean, the matching ratio the share above the threshold; the Hungarian variant "
-                    "pairs latents one-to-one (scipy's `linear_sum_assignment`)."], tables, figs, data)
+                    "pairs latents one-to-one (scipy's `linear_sum_assignment`).",
+                    "Baseline: the same statistic between the two SAEs' *initial* decoders, rebuilt from the init "
+                    "seeds recorded in their `cfg.json` (in parentheses / \"at init\"). What training learned is the "
+                    "difference; two independent random dictionaries already give an MMCS well above 0, and SAEs "
+                    "that share their initial weights start at 1." +
+                    (f" SAEs drawn from the same init seed (identical initial weights when d_sae and the "
+                     f"initialisation scheme match, else shared leading decoder rows): {'; '.join(shared)}."
+                     if shared else " No two SAEs share an init seed.")], tables, figs, data)
+
+
+def _init_seed(sae: SAE) -> int | None:
+    from pipeline.saes.init import recorded_init_seed
+
+    return recorded_init_seed(sae.params)
+
+
+def _fmt3(v: float) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
 
 
 def section_positions(ctx: Context) -> Section:
@@ -610,7 +730,7 @@ def section_stitching(ctx: Context) -> Section:
     x, t = ctx.heldout
     n = min(len(x), a.stitching_tokens)
     x, t = x[:n], t[:n]
-    effects, curves, rows, data = {}, {}, [], {}
+    effects, curves, rows, data, shared = {}, {}, [], {}, []
     for small, large in tqdm(pairs, desc="stitching", leave=False):
         s0, s1 = ctx.saes[small], ctx.saes[large]
         graph = St.stitch_graph(s0, s1, a.stitching_threshold)
@@ -619,8 +739,14 @@ def section_stitching(ctx: Context) -> Section:
         curves[key] = St.interpolate(s0, s1, x, t, graph=graph)
         g, e, c = graph.summary(), effects[key].summary(), curves[key].summary()
         var = c["variance"]
-        data[key] = {"graph": g, "effects": e, "interpolation": c}
-        rows.append([small, large, g["novel"], g["reconstruction"], g["swap_components"],
+        init = St.initial_stitch_graph(s0, s1, a.stitching_threshold)
+        g0 = {"graph": init[0].summary(), "shared_initial_rows": init[1]} if init else None
+        data[key] = {"graph": g, "effects": e, "interpolation": c, "at_init": g0}
+        if g0 and g0["shared_initial_rows"]:
+            shared.append(f"{large} starts with {g0['shared_initial_rows']:,} of {small}'s initial decoder rows")
+        rows.append([small, large, g["novel"], g["reconstruction"],
+                     "–" if g0 is None else g0["graph"]["reconstruction"],
+                     "–" if g0 is None else g0["shared_initial_rows"], g["swap_components"],
                      _pct(e["novel_improving_frac"]), _pct(e["reconstruction_improving_frac"]),
                      f"{c['mse_start'] / var:.4f} @ {c['l0_start']:.1f}",
                      f"{c['mse_after_novel'] / var:.4f} @ {c['l0_after_novel']:.1f}",
@@ -630,8 +756,13 @@ def section_stitching(ctx: Context) -> Section:
     return Section("stitching", title,
                    [f"On {n:,} held-out tokens. A latent of the larger SAE is *novel* when its max decoder cosine to the "
                     f"smaller SAE is ≤ {a.stitching_threshold}; connected components of the bipartite graph of cosines "
-                    "above the threshold are swapped together. NMSE = MSE / held-out variance."],
-                   [Table("Stitching", ["smaller", "larger", "novel", "reconstruction", "components swapped",
+                    "above the threshold are swapped together. NMSE = MSE / held-out variance.",
+                    "Baseline: the reconstruction-latent count of the two SAEs' initial decoders (rebuilt from the init "
+                    "seeds in their `cfg.json`), and how many initial rows the larger SAE shares with the smaller one. "
+                    + ("; ".join(shared) + ": those rows may match because they started equal, not because both "
+                       "learned them." if shared else "No pair shares initial decoder rows.")],
+                   [Table("Stitching", ["smaller", "larger", "novel", "reconstruction", "reconstruction at init",
+                                        "initial rows shared", "components swapped",
                                         "novel latents lowering MSE", "reconstruction latents lowering MSE",
                                         "NMSE @ L0: smaller", "after adding novel", "larger"], rows)],
                    [Figure(f1, "Each latent of the larger SAE: max decoder cosine to the smaller SAE against the MSE "

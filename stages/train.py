@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
@@ -27,7 +27,8 @@ from pipeline.cache import Cache
 from pipeline.config import TOPK_FAMILY, Config, ConfigError, SAEConfig
 from pipeline.models import resolve_device
 from pipeline.reader import ActivationReader, load_tokens, split_chunks
-from pipeline.saes import ARCHITECTURES, SAE, SAEParams
+from pipeline.saes import SAE, SAEParams
+from pipeline.saes.init import derive_init_seed, initial_sae, same_init_scheme
 from pipeline.training import MultiTrainer, TrainOptions, autocast_context, input_scale, resolve_autocast
 from stages import resolve_cache
 
@@ -74,10 +75,72 @@ class Spec:
     cfg: SAEConfig
     seed: int
     lr: float
+    init_seed: int = 0
+    """Seed of the random initialisation (pipeline/saes/init.py): derived from (seed, name), or the init seed
+    of the SAE named by ``init_like``."""
+    init_like: str = ""
+    """Name of the SAE whose initial weights this one shares (resolved ``init_like``); empty: none."""
+
+
+PLAIN_TWIN = "plain-twin"
+"""``init_like`` value: start like the plain SAE of the run whose other fields are all equal."""
+
+
+def _twin_key(s: SAEConfig) -> str:
+    """What a plain twin must share with ``s``: every field but name, init_like and the lookup's own."""
+    return repr(replace(s, name="", init_like="", tokenized=False).canonical())
+
+
+def resolve_init(specs: list[Spec]) -> None:
+    """Set every spec's ``init_seed`` and ``init_like`` in place.
+
+    An SAE's own init seed is :func:`derive_init_seed` of its seed and name; with ``init_like`` (a name of
+    the run, or ``"plain-twin"``) it takes the init seed of the SAE it names (followed to the end of a
+    chain). Raises ConfigError on an unknown name, a missing plain twin, a cycle, or a pair whose d_sae or
+    initialisation scheme differ (their initial weights could not be equal).
+    """
+    by_name = {s.name: s for s in specs}
+    refs: dict[str, str] = {}
+    for s in specs:
+        ref = s.cfg.init_like
+        if not ref:
+            continue
+        if ref == PLAIN_TWIN:
+            if not s.params.tokenized:
+                continue  # the plain point of a grid with init_like = "plain-twin": it is the twin
+            twins = [o.name for o in specs if not o.params.tokenized and _twin_key(o.cfg) == _twin_key(s.cfg)]
+            if not twins:
+                raise ConfigError(f"{s.name}: init_like = \"plain-twin\" but the run has no plain SAE with otherwise "
+                                  "equal fields; add one (e.g. tokenized = [false, true] in the same table) or "
+                                  "remove init_like")
+            ref = twins[0]
+        elif ref not in by_name:
+            raise ConfigError(f"{s.name}: init_like = {ref!r} names no SAE of this run; use one of "
+                              f"{sorted(by_name)} or \"plain-twin\"")
+        if ref == s.name:
+            raise ConfigError(f"{s.name}: init_like names the SAE itself; name another SAE of the run")
+        o = by_name[ref]
+        if o.params.d_sae != s.params.d_sae or not same_init_scheme(o.params.architecture, s.params.architecture):
+            raise ConfigError(f"{s.name}: init_like = {ref!r}, but {ref} has d_sae {o.params.d_sae} and architecture "
+                              f"{o.params.architecture} ({s.name}: {s.params.d_sae}, {s.params.architecture}); a twin "
+                              "needs the same d_sae and an architecture initialised the same way")
+        refs[s.name] = ref
+    for s in specs:
+        root, seen = s.name, {s.name}
+        while root in refs:
+            root = refs[root]
+            if root in seen:
+                raise ConfigError(f"init_like forms a cycle through {sorted(seen)}: one of them must start on its own")
+            seen.add(root)
+        s.init_like = refs.get(s.name, "")
+        s.init_seed = derive_init_seed(by_name[root].seed, root)
 
 
 def plan(cfg: Config, cache: Cache, hook: str) -> list[Spec]:
-    """The SAEs ``cfg.train.saes`` describes on ``cache`` at ``hook``; raises ConfigError on clashing names."""
+    """The SAEs ``cfg.train.saes`` describes on ``cache`` at ``hook``, with their init seeds resolved.
+
+    Raises ConfigError on clashing names or an ``init_like`` that cannot be honoured (:func:`resolve_init`).
+    """
     t = cfg.train
     d_model, d_vocab = int(cache.meta["d_model"]), int(cache.meta["d_vocab"])
     specs: dict[str, Spec] = {}
@@ -95,7 +158,9 @@ def plan(cfg: Config, cache: Cache, hook: str) -> list[Spec]:
         if params.lookup_rows > d_vocab:
             raise ConfigError(f"{name}: lookup_rows={params.lookup_rows} exceeds the vocabulary ({d_vocab})")
         specs[name] = Spec(name, params, s, t.seed if s.seed < 0 else s.seed, s.lr or t.lr)
-    return list(specs.values())
+    out = list(specs.values())
+    resolve_init(out)
+    return out
 
 
 def token_counts(cache: Cache, chunks: list[int]) -> torch.Tensor:
@@ -150,8 +215,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
 
     members = {}
     for s in specs:
-        torch.manual_seed(s.seed)
-        sae = ARCHITECTURES[s.params.architecture](s.params).to(dev)
+        sae = initial_sae(s.params, s.init_seed).to(dev)  # random weights from its own init seed (or its twin's)
         sae.init_from_data(x0, tok0, unigram, s.cfg.alpha, token_counts=counts, b_dec_init=t.b_dec_init)
         members[s.name] = (sae, s.lr, s.lr * s.cfg.lookup_lr_scale)
     opts = TrainOptions(total_steps=total_steps, warmup_steps=t.warmup_steps, lr_final_frac=t.lr_final_frac,
@@ -216,7 +280,8 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         folder = out_dir / n
         sae = trainer.export(n, scale)
         sae.params.extra = {"cache": str(cache.path), "input_scale_folded": scale, "tokens_seen": trainer.tokens_seen,
-                            "train": dict(asdict(s.cfg), name=n, d_sae=s.params.d_sae, seed=s.seed, lr=s.lr),
+                            "train": dict(asdict(s.cfg), name=n, d_sae=s.params.d_sae, seed=s.seed, lr=s.lr,
+                                          init_seed=s.init_seed, init_like=s.init_like),
                             "heldout_chunks": held_chunks, "split_seed": t.seed, "exclude_bos": t.exclude_bos}
         sae.save(folder)
         with open(folder / "metrics.jsonl", "w") as f:
@@ -226,7 +291,8 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         ev.update(name=n, architecture=s.params.architecture, tokenized=s.params.tokenized, d_sae=s.params.d_sae,
                   k=s.params.k if s.params.architecture in TOPK_FAMILY else None,
                   sparsity_coeff=None if s.params.architecture in TOPK_FAMILY else sae.sparsity_coeff,
-                  seed=s.seed, tokens_seen=trainer.tokens_seen, heldout_tokens=len(xh))
+                  seed=s.seed, init_seed=s.init_seed, init_like=s.init_like, tokens_seen=trainer.tokens_seen,
+                  heldout_tokens=len(xh))
         if n in ce_final:
             ev.update(ce_final[n], ce_clean=ce_final["_clean"], ce_zero_ablated=ce_final["_zero"],
                       ce_eval_seqs=ce_final["_n_seq"])

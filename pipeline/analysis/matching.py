@@ -265,6 +265,34 @@ def matching_matrix(saes: dict[str, SAE], threshold: float = 0.7, by: tuple[str,
     return MatchingMatrix(names, float(threshold), mmcs, ratio, hung)
 
 
+def initial_matching_matrix(saes: dict[str, SAE], threshold: float = 0.7, **kw) -> MatchingMatrix:
+    """:class:`MatchingMatrix` by decoder directions of the SAEs *at initialisation*: the baseline of
+    :func:`matching_matrix` (how much two dictionaries share before any training).
+
+    Each initial W_dec is rebuilt from the SAE's recorded init seed (:func:`pipeline.saes.init.initial_decoder`);
+    pairs involving an SAE with no recorded seed are NaN. Encoder directions at initialisation equal the
+    decoder's (W_enc = W_decᵀ up to a positive scale), so only "decoder" is computed. Same cost as the
+    trained matrix's decoder half.
+    """
+    from pipeline.saes.init import initial_decoder
+
+    names = list(saes)
+    n = len(names)
+    dirs = {k: initial_decoder(s) for k, s in saes.items()}
+    mmcs, ratio = np.full((n, n), math.nan), np.full((n, n), math.nan)
+    np.fill_diagonal(mmcs, 1.0)
+    np.fill_diagonal(ratio, 1.0)
+    for i in range(n):
+        for j in range(i + 1, n):
+            a, b = dirs[names[i]], dirs[names[j]]
+            if a is None or b is None:
+                continue
+            m = match_directions(a, b, threshold, False, "decoder", **kw)
+            mmcs[i, j], mmcs[j, i] = m.mmcs_ab, m.mmcs_ba
+            ratio[i, j], ratio[j, i] = m.ratio_ab, m.ratio_ba
+    return MatchingMatrix(names, float(threshold), {"decoder": mmcs}, {"decoder": ratio}, {})
+
+
 def plot_matching_matrix(mm: MatchingMatrix, path, metric: str = "mmcs"):
     """Heatmaps of MMCS (or matching ratio) of each row SAE's latents against each column SAE, decoder | encoder."""
     import matplotlib.pyplot as plt

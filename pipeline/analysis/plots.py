@@ -48,14 +48,15 @@ def plot_ngram_rank_frequency(counts: dict[int, np.ndarray], path: str | Path) -
     return _save(fig, path)
 
 
-def plot_by_frequency(series: dict[str, list[dict]], ylabel: str, title: str, path: str | Path) -> Path:
+def plot_by_frequency(series: dict[str, list[dict]], ylabel: str, title: str, path: str | Path,
+                      xlabel: str = "token count in the cache (unigram frequency)") -> Path:
     """One line per SAE of binned means (rows from ``by_frequency``) against unigram count (paper Fig. 2)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rows in series.items():
         x = [np.sqrt(r["lo"] * r["hi"]) for r in rows]
         ax.errorbar(x, [r["mean"] for r in rows], yerr=[r["sem"] for r in rows], marker="o", ms=3, label=name,
                     capsize=2)
-    ax.set(xscale="log", xlabel="token count in the cache (unigram frequency)", ylabel=ylabel, title=title)
+    ax.set(xscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend(fontsize=7)
     return _save(fig, path)
 

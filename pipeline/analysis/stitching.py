@@ -133,6 +133,24 @@ def stitch_graph(sae0: SAE | torch.Tensor | np.ndarray, sae1: SAE | torch.Tensor
                        labels[d0:].astype(np.int64), int(n))
 
 
+SHARED_ROW_COS = 1 - 1e-5
+"""An initial decoder row of SAE₁ whose max cosine to SAE₀'s initial rows reaches this is a shared row."""
+
+
+def initial_stitch_graph(sae0: SAE, sae1: SAE, threshold: float = 0.7) -> tuple[StitchGraph, int] | None:
+    """The :class:`StitchGraph` of the two SAEs' *initial* decoders (rebuilt from the init seeds in their
+    ``cfg.json``, :func:`pipeline.saes.init.initial_decoder`) and the number of SAE₁'s initial rows that equal
+    one of SAE₀'s (max cosine ≥ :data:`SHARED_ROW_COS`): SAEs drawn from the same init seed share their leading
+    rows. The graph's reconstruction count is the baseline of the trained one. None when a seed is missing."""
+    from pipeline.saes.init import initial_decoder
+
+    w0, w1 = initial_decoder(sae0), initial_decoder(sae1)
+    if w0 is None or w1 is None:
+        return None
+    g = stitch_graph(w0, w1, threshold)
+    return g, int((g.max_cos1 >= SHARED_ROW_COS).sum())
+
+
 # -- both SAEs' latents on the same tokens -------------------------------------------------------------
 def _bias(sae: SAE, tokens: torch.Tensor | None, n: int) -> torch.Tensor:
     """β(t) = b_dec + W_lookup[t]: float64 [n, d_model] on the SAE's device."""
