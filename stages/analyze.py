@@ -329,7 +329,7 @@ def section_unigram_features(ctx: Context) -> Section:
     t_np = ctx.heldout[1].cpu().numpy()
     counts, rows, matches, sweeps = {}, [], {}, {}
     for n, s in ctx.saes.items():
-        u = U.unigram_feature_counts(s, ctx.unigram, ctx.errors[n].max_act, thr, mode)
+        u = U.unigram_feature_counts(s, ctx.unigram, ctx.errors[n].max_act, thr, mode=mode)
         top = ctx.top[n]
         matches[n] = unigram_match(u.top_unigram, np.where(top.alive, t_np[np.maximum(top.index, 0)], -1))
         if u.n_live:

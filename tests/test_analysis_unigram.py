@@ -40,7 +40,8 @@ def test_dead_latents_never_count_and_fraction_is_over_live_latents(mode, thresh
         f_uni = sae.encode(u)
     max_act = f_held.max(0).values.numpy()
     max_act[0] = 0.0  # ... but it never fired on held-out tokens: dead
-    res = U.unigram_feature_counts(sae, u, max_act, threshold, mode, batch_size=7)
+    assert U.unigram_feature_counts(sae, u, max_act, 0.5).counts[0] == 0  # the default call never counts it
+    res = U.unigram_feature_counts(sae, u, max_act, threshold, 7, mode=mode)
     assert res.counts[0] == 0 and not res.live[0] and res.n_dead == 1
     assert res.dead_unigram_positive == 1
 
@@ -58,7 +59,7 @@ def test_dead_latents_never_count_and_fraction_is_over_live_latents(mode, thresh
     # the sweep agrees with recounting at each threshold, and never counts the dead latent
     grid = U.DEFAULT_SWEEP[mode]
     for row in res.sweep(grid):
-        again = U.unigram_feature_counts(sae, u, max_act, row["threshold"], mode)
+        again = U.unigram_feature_counts(sae, u, max_act, row["threshold"], mode=mode)
         assert row["activated"] == int((again.counts > 0).sum())
         assert row["fraction"] == pytest.approx(row["activated"] / n)
         assert row["live"] == n

@@ -116,7 +116,7 @@ class UnigramFeatureCounts:
 
 @torch.no_grad()
 def unigram_feature_counts(sae: SAE, unigram: torch.Tensor, max_act: np.ndarray, threshold: float,
-                           mode: str = "relative", batch_size: int = 4096) -> UnigramFeatureCounts:
+                           batch_size: int = 4096, *, mode: str = "relative") -> UnigramFeatureCounts:
     """Encode every unigram activation u [d_vocab, d_model] and count, per live latent, those above the threshold.
 
     max_act: float [d_sae], each latent's max activation on held-out tokens (≤ 0: the latent is dead there and
