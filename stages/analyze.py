@@ -244,8 +244,9 @@ def section_ngrams(ctx: Context) -> Section:
                      [[n, f"{s['total']:,}", f"{s['distinct']:,}", f"{s['top10_share']:.1%}",
                        f"{s['top100_share']:.1%}"] for n, s in stats.items()])
     return Section("ngrams", "n-gram statistics (Tokenized SAEs, Sec. 2, Fig. 1)",
-                   [f"Counted with dask over the whole Zarr `tokens` array ({ctx.cache.n_seq * ctx.cache.context_size:,} "
-                    "tokens: training and held-out chunks, BOS positions included), n-grams within sequences. The "
+                   ["Counted with dask over the whole Zarr `tokens` array "
+                    f"({ctx.cache.n_seq * ctx.cache.context_size:,} tokens: training and held-out chunks, BOS "
+                    "positions included), n-grams within sequences. The "
                     "frequency-binned analyses below count the training split only."],
                    [overview, *tables],
                    [Figure(fig, "Count of each n-gram against its frequency rank (log-log): a few short n-grams "
@@ -259,7 +260,7 @@ def section_mse_by_freq(ctx: Context) -> Section:
     x, t = ctx.heldout
     freq = ctx.train_counts[t.cpu().numpy()]
     seen = freq > 0
-    edges = frequency_bins(np.maximum(freq[seen], 1), ctx.cfg.analyze.n_freq_bins)
+    edges = frequency_bins(freq[seen] if seen.any() else np.ones(1), ctx.cfg.analyze.n_freq_bins)
     var = ctx.var_per_token
     mse_rows = {n: by_frequency(e.mse[seen] / var, freq[seen], edges) for n, e in ctx.errors.items()}
     l0_rows = {n: by_frequency(e.l0[seen], freq[seen], edges) for n, e in ctx.errors.items()}
@@ -294,7 +295,8 @@ def section_mse_by_freq(ctx: Context) -> Section:
         bedges = frequency_bins(np.maximum(bfreq[valid], 1), ctx.cfg.analyze.n_freq_bins)
         bi_rows = {n: by_frequency(e.mse[valid] / var, bfreq[valid], bedges) for n, e in ctx.errors.items()}
         f3 = plots.plot_by_frequency(bi_rows, "per-token MSE / mean per-token variance",
-                                     "reconstruction error by bigram frequency", ctx.out / "mse_by_bigram_frequency.png",
+                                     "reconstruction error by bigram frequency",
+                                     ctx.out / "mse_by_bigram_frequency.png",
                                      "(previous, current) bigram count in the training split")
         figures.append(Figure(f3, "Per-token reconstruction error by the count of the (previous, current) bigram "
                                   "in the training split (paper App. C.5); bigrams never seen in training are left "
@@ -372,8 +374,8 @@ def section_unigram_features(ctx: Context) -> Section:
                     f"share of live latents activated by at least one unigram; interval: {U.INTERVAL_METHOD}. The "
                     "sweep shows how the fraction depends on the threshold."],
                    [table, sweep_table],
-                   [Figure(fig, "How many unigrams activate each live latent: a plain SAE spends many latents on single "
-                                "tokens, a tokenized one far fewer."),
+                   [Figure(fig, "How many unigrams activate each live latent: a plain SAE spends many latents on "
+                                "single tokens, a tokenized one far fewer."),
                     Figure(fig2, "Per SAE, the share of alive latents whose strongest unigram is also the token at "
                                  "their top-activating held-out position, next to the share any unigram activates."),
                     Figure(fig3, "Fraction of live latents activated by at least one unigram against the threshold, "
@@ -730,7 +732,7 @@ def section_stitching(ctx: Context) -> Section:
     x, t = ctx.heldout
     n = min(len(x), a.stitching_tokens)
     x, t = x[:n], t[:n]
-    effects, curves, rows, data, shared = {}, {}, [], {}, []
+    effects, curves, rows, data, shared, unknown = {}, {}, [], {}, [], []
     for small, large in tqdm(pairs, desc="stitching", leave=False):
         s0, s1 = ctx.saes[small], ctx.saes[large]
         graph = St.stitch_graph(s0, s1, a.stitching_threshold)
@@ -742,7 +744,9 @@ def section_stitching(ctx: Context) -> Section:
         init = St.initial_stitch_graph(s0, s1, a.stitching_threshold)
         g0 = {"graph": init[0].summary(), "shared_initial_rows": init[1]} if init else None
         data[key] = {"graph": g, "effects": e, "interpolation": c, "at_init": g0}
-        if g0 and g0["shared_initial_rows"]:
+        if g0 is None:
+            unknown.append(key)
+        elif g0["shared_initial_rows"]:
             shared.append(f"{large} starts with {g0['shared_initial_rows']:,} of {small}'s initial decoder rows")
         rows.append([small, large, g["novel"], g["reconstruction"],
                      "–" if g0 is None else g0["graph"]["reconstruction"],
@@ -757,10 +761,12 @@ def section_stitching(ctx: Context) -> Section:
                    [f"On {n:,} held-out tokens. A latent of the larger SAE is *novel* when its max decoder cosine to the "
                     f"smaller SAE is ≤ {a.stitching_threshold}; connected components of the bipartite graph of cosines "
                     "above the threshold are swapped together. NMSE = MSE / held-out variance.",
-                    "Baseline: the reconstruction-latent count of the two SAEs' initial decoders (rebuilt from the init "
-                    "seeds in their `cfg.json`), and how many initial rows the larger SAE shares with the smaller one. "
+                    "Baseline: the reconstruction-latent count of the two SAEs' initial decoders (rebuilt from the "
+                    "init seeds in their `cfg.json`), and how many initial rows the larger SAE shares with the "
+                    "smaller one. "
                     + ("; ".join(shared) + ": those rows may match because they started equal, not because both "
-                       "learned them." if shared else "No pair shares initial decoder rows.")],
+                       "learned them." if shared else "No pair shares initial decoder rows.")
+                    + (f" Unknown for {', '.join(unknown)}: no init seed recorded." if unknown else "")],
                    [Table("Stitching", ["smaller", "larger", "novel", "reconstruction", "reconstruction at init",
                                         "initial rows shared", "components swapped",
                                         "novel latents lowering MSE", "reconstruction latents lowering MSE",

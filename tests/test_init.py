@@ -128,3 +128,27 @@ def test_init_seed_is_stable_across_processes_and_distinct_per_name():
     assert outs[0] == (str(derive_init_seed(0, "topk-4608-k32")), str(derive_init_seed(7, "x")))
     seeds = [derive_init_seed(s, f"sae{i}") for s in range(3) for i in range(200)]
     assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**32 for s in seeds)
+
+
+def test_stitching_baseline_counts_initial_rows_shared_by_a_common_init_seed():
+    from pipeline.analysis.stitching import initial_stitch_graph
+    from pipeline.saes import SAEParams
+    from pipeline.saes.init import initial_sae
+
+    def sae(d_sae, seed, arch="topk"):
+        p = SAEParams(arch, d_model=16, d_sae=d_sae, extra={"train": {"init_seed": seed}})
+        s = initial_sae(p, seed)
+        s.params.extra = p.extra
+        return s
+
+    small, large = sae(24, 5), sae(96, 5)
+    # the same init seed: the larger dictionary's leading rows are the smaller one's
+    torch.testing.assert_close(large.W_dec[:24], small.W_dec, rtol=0, atol=0)
+    g, shared = initial_stitch_graph(small, large, 0.7)
+    assert shared == 24 and g.summary()["reconstruction"] >= 24
+    g, shared = initial_stitch_graph(small, sae(96, 6), 0.7)
+    assert shared == 0
+    assert initial_stitch_graph(small, sae(96, 6, "relu"), 0.7)[1] == 0
+    old = sae(96, 5)
+    old.params.extra = {}
+    assert initial_stitch_graph(small, old, 0.7) is None  # no recorded seed: no baseline
