@@ -10,6 +10,7 @@ into groups trained on the workers of a dask.distributed cluster, each reading t
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -28,14 +29,20 @@ from pipeline.config import TOPK_FAMILY, Config, ConfigError, SAEConfig
 from pipeline.models import resolve_device
 from pipeline.reader import ActivationReader, load_tokens, split_chunks
 from pipeline.saes import ARCHITECTURES, SAE, SAEParams
-from pipeline.training import MultiTrainer, TrainOptions, autocast_context, input_scale, resolve_autocast
+from pipeline.training import (MemberOptions, MultiTrainer, TrainOptions, autocast_context, input_scale,
+                               resolve_autocast)
 from stages import resolve_cache
 
-HELDOUT_TOKENS = 65_536
-"""Held-out tokens for the final evaluation (the periodic log uses its first 4096)."""
+log = logging.getLogger(__name__)
+
+LOG_HELDOUT_TOKENS = 4096
+"""Held-out tokens of the periodic log's NMSE / L0 (the first of the final evaluation's sampled sequences)."""
+DEAD_WINDOW_TOKENS = 10_000_000
+"""Gao et al. 2024's dead-latent window: no firing in this many training tokens."""
 CHECKPOINT = "checkpoint"
 RUN_KEYS_IGNORED_FOR_RESUME = ("resume", "checkpoint_every", "device", "workers", "scheduler", "log_every",
-                               "ce_every", "ce_eval_seqs", "ce_autocast", "compile")
+                               "ce_every", "ce_eval_seqs", "ce_autocast", "compile", "eval_tokens",
+                               "bootstrap_samples")
 """[train] keys that may change between an interrupted run and its resumption."""
 
 
@@ -44,7 +51,8 @@ class TrainingInterrupted(RuntimeError):
 
 
 _SHORT = {"alpha": "a", "lookup_rows": "r", "lr": "lr", "lookup_lr_scale": "ls", "aux_k": "ak", "aux_coeff": "ac",
-          "bandwidth": "bw", "init_threshold": "th", "seed": "s"}
+          "bandwidth": "bw", "init_threshold": "th", "threshold_lr": "tlr", "grad_clip": "gc",
+          "sparsity_warmup_frac": "sw", "seed": "s"}
 
 
 def sae_name(s: SAEConfig, d_sae: int) -> str:
@@ -75,6 +83,21 @@ class Spec:
     seed: int
     lr: float
 
+    def options(self, t, total_steps: int) -> MemberOptions:
+        """This SAE's :class:`MemberOptions` under ``[train]`` settings ``t`` for a run of ``total_steps``:
+        JumpReLU's log-threshold lr (``threshold_lr``, 0 = 10 × lr); the gradient clip and λ warm-up of the SAE,
+        else ``train``'s when set (> 0), else the architecture's default (relu / gated: clip 1 and λ warm-up
+        over the first 5% of steps, Anthropic Circuits Updates April 2024)."""
+        cls = ARCHITECTURES[self.params.architecture]
+        param_lr = {}
+        if self.params.architecture == "jumprelu":
+            param_lr["log_threshold"] = self.cfg.threshold_lr or 10 * self.lr
+        clip = self.cfg.grad_clip if self.cfg.grad_clip >= 0 else (t.grad_clip or cls.default_grad_clip)
+        frac = self.cfg.sparsity_warmup_frac
+        warm = (round(frac * total_steps) if frac >= 0 else
+                t.sparsity_warmup_steps or round(cls.default_sparsity_warmup_frac * total_steps))
+        return MemberOptions(param_lr=param_lr, grad_clip=clip, sparsity_warmup_steps=warm)
+
 
 def plan(cfg: Config, cache: Cache, hook: str) -> list[Spec]:
     """The SAEs ``cfg.train.saes`` describes on ``cache`` at ``hook``; raises ConfigError on clashing names."""
@@ -89,13 +112,26 @@ def plan(cfg: Config, cache: Cache, hook: str) -> list[Spec]:
         params = SAEParams(architecture=s.architecture, d_model=d_model, d_sae=d_sae, k=s.k, tokenized=s.tokenized,
                            d_vocab=d_vocab if s.tokenized else 0, lookup_rows=s.lookup_rows if s.tokenized else 0,
                            sparsity_coeff=s.sparsity_coeff, aux_k=s.aux_k, aux_coeff=s.aux_coeff,
-                           dead_after_tokens=t.dead_after_tokens, bandwidth=s.bandwidth,
-                           init_threshold=s.init_threshold, prefixes=list(s.prefixes), hook=hook,
+                           dead_after_tokens=t.dead_after_tokens, bandwidth=s.bandwidth * math.sqrt(d_model),
+                           init_threshold=s.init_threshold * math.sqrt(d_model), prefixes=list(s.prefixes), hook=hook,
                            model=cache.meta["model"])
         if params.lookup_rows > d_vocab:
             raise ConfigError(f"{name}: lookup_rows={params.lookup_rows} exceeds the vocabulary ({d_vocab})")
         specs[name] = Spec(name, params, s, t.seed if s.seed < 0 else s.seed, s.lr or t.lr)
     return list(specs.values())
+
+
+def dead_window(setting: int, run_tokens: int) -> int:
+    """The dead-latent window in training tokens for ``train.dead_after_tokens`` = ``setting`` on a run of
+    ``run_tokens``: the setting when > 0, else Gao et al.'s 10M when the run has at least 4 × 10M tokens, else
+    run_tokens // 4. Warns (logging) when the window is not 10M, saying what the dead fraction then means."""
+    window = setting or (DEAD_WINDOW_TOKENS if run_tokens >= 4 * DEAD_WINDOW_TOKENS else max(1, run_tokens // 4))
+    if window != DEAD_WINDOW_TOKENS:
+        log.warning("dead latents: this run trains on %s tokens; a latent counts as dead (AuxK, the logged training "
+                    "dead_frac) after %s tokens without firing, not Gao et al.'s 10M: the dead fraction means "
+                    "'silent for the last %s training tokens'%s", f"{run_tokens:,}", f"{window:,}", f"{window:,}",
+                    "; no latent can be dead in this run" if window >= run_tokens else "")
+    return window
 
 
 def token_counts(cache: Cache, chunks: list[int]) -> torch.Tensor:
@@ -135,6 +171,9 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         raise ConfigError(f"the training split has {reader.tokens_per_epoch} tokens, fewer than one batch of "
                           f"{t.batch_size}: harvest more tokens or lower train.batch_size")
     total_steps = max(1, int(per_epoch * t.n_epochs))
+    window = dead_window(t.dead_after_tokens, total_steps * t.batch_size)
+    for s in specs:
+        s.params.dead_after_tokens = window
 
     # Sample for input normalisation and data-dependent init (first training chunks, in cache order).
     x0, tok0 = load_tokens(cache, hook, train_chunks, min(32_768, reader.tokens_per_epoch), t.exclude_bos,
@@ -153,7 +192,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         torch.manual_seed(s.seed)
         sae = ARCHITECTURES[s.params.architecture](s.params).to(dev)
         sae.init_from_data(x0, tok0, unigram, s.cfg.alpha, token_counts=counts, b_dec_init=t.b_dec_init)
-        members[s.name] = (sae, s.lr, s.lr * s.cfg.lookup_lr_scale)
+        members[s.name] = (sae, s.lr, s.lr * s.cfg.lookup_lr_scale, s.options(t, total_steps))
     opts = TrainOptions(total_steps=total_steps, warmup_steps=t.warmup_steps, lr_final_frac=t.lr_final_frac,
                         betas=(t.adam_betas[0], t.adam_betas[1]), sparsity_warmup_steps=t.sparsity_warmup_steps,
                         grad_clip=t.grad_clip, autocast=resolve_autocast(t.autocast, dev), compile=t.compile)
