@@ -136,8 +136,11 @@ class SAEConfig:
     init_threshold: float = 0.001
     """JumpReLU initial threshold θ₀ at unit input scale (paper: 0.001); the SAE starts at θ₀·√d_model."""
     threshold_lr: float = 0.0
-    """JumpReLU: Adam learning rate of log θ (its own parameter group, same schedule); 0 = 10 × the SAE's
-    lr (a log-θ step of lr moves θ by a factor e^lr at most, so at lr 1e-3 θ moves at most 14% in 131 steps)."""
+    """JumpReLU: peak Adam learning rate of log θ (its own parameter group, same schedule). 0 = max(lr,
+    10 / training steps): an Adam step moves log θ by about its lr at most, and θ must be able to travel from
+    θ₀ (the paper's 0.001 at unit scale) to the pre-activations' scale, ~e^4 away, within the run (10 leaves
+    room for the schedule's warm-up and decay). With the SAE's lr alone (1e-3) θ moved at most 14% in the
+    demo's 131 steps, so λ could not set the L0."""
     grad_clip: float = -1.0
     """Max global norm of this SAE's dense gradients; negative: ``train.grad_clip``, except relu and gated,
     which default to 1 (Anthropic Circuits Updates, April 2024) when ``train.grad_clip`` is 0."""
@@ -167,7 +170,7 @@ class SAEConfig:
         if self.bandwidth <= 0 or self.init_threshold <= 0:
             raise ConfigError(f"{where}: bandwidth and init_threshold must be > 0")
         if self.threshold_lr < 0:
-            raise ConfigError(f"{where}.threshold_lr must be >= 0 (0 = 10 x the SAE's lr)")
+            raise ConfigError(f"{where}.threshold_lr must be >= 0 (0 = max(lr, 10 / training steps))")
         if self.sparsity_warmup_frac > 1:
             raise ConfigError(f"{where}.sparsity_warmup_frac={self.sparsity_warmup_frac} must be <= 1 "
                               "(a fraction of the run's steps; negative = the default)")

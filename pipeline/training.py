@@ -257,7 +257,7 @@ class MultiTrainer:
         self.members: list[Member] = []
         self.step_count, self.tokens_seen = 0, 0
         sched = lr_lambda(opts.warmup_steps, opts.total_steps, opts.lr_final_frac)
-        if any(p.device.type == "cpu" for sae, _, _ in saes.values() for p in sae.parameters()):
+        if any(p.device.type == "cpu" for sae, *_ in saes.values() for p in sae.parameters()):
             keep_freed_memory()
         for name, (sae, lr, lookup_lr, *more) in saes.items():
             mo = more[0] if more else MemberOptions()
