@@ -378,30 +378,35 @@ def twin_key(spec: Spec) -> str:
 
 
 def paired_twins(specs: list[Spec], final: dict, ce: dict, n_boot: int, seed: int) -> list[dict]:
-    """Tokenized − plain differences of every twin pair (:func:`twin_key`) with paired 95% intervals.
+    """Tokenized − plain differences of every twin pair (:func:`twin_key`) with paired 95% intervals
+    (:func:`paired_rows`)."""
+    plain = {twin_key(s): s.name for s in specs if not s.params.tokenized}
+    pairs = [(plain[twin_key(s)], s.name) for s in specs if s.params.tokenized and twin_key(s) in plain]
+    return paired_rows(pairs, final, ce, n_boot, seed)
+
+
+def paired_rows(pairs: list[tuple[str, str]], final: dict, ce: dict, n_boot: int, seed: int) -> list[dict]:
+    """For each (plain, tokenized) pair: [{"plain", "tokenized", "<metric>_diff" (tokenized − plain),
+    "<metric>_diff_ci95": [lo, hi]} …] for nmse, l0, ce_added and ce_recovered (where measured).
 
     Both SAEs are measured on the same held-out sequences; the paired bootstrap resamples the sequences once
-    for both and takes the percentiles of the difference (:func:`pipeline.metrics.paired_interval`). Returns
-    [{"plain", "tokenized", "<metric>_diff", "<metric>_diff_ci95": [lo, hi]} …] for nmse, l0, ce_added and
-    ce_recovered (where measured).
+    for both and takes the percentiles of the difference (:func:`pipeline.metrics.paired_interval`). final, ce:
+    per-sequence sums as :meth:`MultiTrainer.evaluate` / :meth:`CEEvaluator.evaluate` (or :func:`load_per_seq`)
+    give them.
     """
-    plain = {twin_key(s): s.name for s in specs if not s.params.tokenized}
     w_held = M.bootstrap_weights(len(final["_per_seq"]["n"]), n_boot, seed) if "_per_seq" in final else None
     w_ce = M.bootstrap_weights(ce["_n_seq"], n_boot, seed) if "_per_seq" in ce else None
-    pairs = []
-    for s in specs:
-        p = plain.get(twin_key(s)) if s.params.tokenized else None
-        if p is None:
-            continue
-        row = {"plain": p, "tokenized": s.name}
-        (ha, ca), (hb, cb) = _sums(final, ce, p), _sums(final, ce, s.name)
+    out = []
+    for p, t in pairs:
+        row = {"plain": p, "tokenized": t}
+        (ha, ca), (hb, cb) = _sums(final, ce, p), _sums(final, ce, t)
         stats = [("nmse", M.nmse_from_sums, ha, hb, w_held), ("l0", M.l0_from_sums, ha, hb, w_held),
                  *[(k, f, ca, cb, w_ce) for k, f in CE_STATS.items()]]
         for k, f, a, b, w in stats:
             if a is not None and b is not None:
                 row[f"{k}_diff"], row[f"{k}_diff_ci95"] = M.paired_interval(f, a, b, w)
-        pairs.append(row)
-    return pairs
+        out.append(row)
+    return out
 
 
 class CEEvaluator:
@@ -570,7 +575,7 @@ def _train_group(cfg: Config, names: list[str], index: int) -> dict:
     return run(cfg, only=names, progress=False)
 
 
-def _ci(v, ci, fmt: str) -> str:
+def format_ci(v, ci, fmt: str) -> str:
     """``v [lo, hi]`` in ``fmt``; just ``v`` without an interval, empty for None."""
     if v is None:
         return ""
@@ -592,9 +597,9 @@ def format_table(results: list[dict], unigram_fraction: dict[str, float] | None 
         kl = r.get("k") if r.get("k") is not None else r.get("sparsity_coeff")
         kl = "" if kl is None else f"{kl:g}"
         line = (f"{r['name']:<30} {r['architecture'][:10]:<10} {'yes' if r['tokenized'] else 'no':<4} "
-                f"{r['d_sae']:>6} {kl:>6} {_ci(r['nmse'], r.get('nmse_ci95'), '.4f'):>26} "
-                f"{r['explained_variance']:>8.4f} {_ci(r['l0'], r.get('l0_ci95'), '.2f'):>23} "
-                f"{r['dead_frac_heldout']:>6.1%} {_ci(r.get('ce_added'), r.get('ce_added_ci95'), '.4f'):>26}")
+                f"{r['d_sae']:>6} {kl:>6} {format_ci(r['nmse'], r.get('nmse_ci95'), '.4f'):>26} "
+                f"{r['explained_variance']:>8.4f} {format_ci(r['l0'], r.get('l0_ci95'), '.2f'):>23} "
+                f"{r['dead_frac_heldout']:>6.1%} {format_ci(r.get('ce_added'), r.get('ce_added_ci95'), '.4f'):>26}")
         windows.add(r.get("dead_window_heldout", r.get("heldout_tokens")))
         if unigram_fraction is not None:
             frac = unigram_fraction.get(r["name"], math.nan)
@@ -608,7 +613,7 @@ def format_table(results: list[dict], unigram_fraction: dict[str, float] | None 
         head = f"{'tokenized SAE':<30} {'ΔNMSE':>28} {'ΔL0':>26} {'ΔCE added':>28}"
         lines += [head, "-" * len(head)]
         for p in paired:
-            lines.append(f"{p['tokenized']:<30} {_ci(p.get('nmse_diff'), p.get('nmse_diff_ci95'), '+.4f'):>28} "
-                         f"{_ci(p.get('l0_diff'), p.get('l0_diff_ci95'), '+.2f'):>26} "
-                         f"{_ci(p.get('ce_added_diff'), p.get('ce_added_diff_ci95'), '+.4f'):>28}")
+            lines.append(f"{p['tokenized']:<30} {format_ci(p.get('nmse_diff'), p.get('nmse_diff_ci95'), '+.4f'):>28} "
+                         f"{format_ci(p.get('l0_diff'), p.get('l0_diff_ci95'), '+.2f'):>26} "
+                         f"{format_ci(p.get('ce_added_diff'), p.get('ce_added_diff_ci95'), '+.4f'):>28}")
     return "\n".join(lines)
