@@ -89,9 +89,11 @@ def seq_sums(values: Tensor, seq: Tensor, n_seq: int) -> np.ndarray:
     """Sum of per-token ``values`` [n] or [n, d] within each sequence: float64 [n_seq] or [n_seq, d].
 
     seq: int64 [n], the sequence (0 … n_seq-1) of each token."""
-    v = values.detach().double()
+    v = values.detach()
     out = torch.zeros((n_seq, *v.shape[1:]), dtype=torch.float64, device=v.device)
-    out.index_add_(0, seq.to(v.device), v)
+    seq = seq.to(v.device)
+    for s in range(0, len(v), 65_536):  # float64 a block at a time: no float64 copy of a large [n, d] input
+        out.index_add_(0, seq[s:s + 65_536], v[s:s + 65_536].double())
     return out.cpu().numpy()
 
 

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import metrics as M
 from pipeline.analysis.plots import plot_training_curves
 from pipeline.cache import Cache
-from pipeline.config import TOPK_FAMILY, Config, ConfigError, SAEConfig
-from pipeline import metrics as M
+from pipeline.config import TOPK_FAMILY, Config, ConfigError, SAEConfig, TrainConfig
 from pipeline.evaluation import heldout_rows, load_rows
 from pipeline.models import resolve_device
 from pipeline.reader import ActivationReader, load_tokens, split_chunks
@@ -86,12 +86,12 @@ class Spec:
     seed: int
     lr: float
 
-    def options(self, t, total_steps: int) -> MemberOptions:
+    def options(self, t: TrainConfig, total_steps: int) -> MemberOptions:
         """This SAE's :class:`MemberOptions` under ``[train]`` settings ``t`` for a run of ``total_steps``:
         JumpReLU's log-threshold lr (``threshold_lr``; 0 = max(lr, :data:`THRESHOLD_TRAVEL` / total_steps));
-        the gradient clip and λ warm-up of the SAE,
-        else ``train``'s when set (> 0), else the architecture's default (relu / gated: clip 1 and λ warm-up
-        over the first 5% of steps, Anthropic Circuits Updates April 2024)."""
+        the gradient clip and λ warm-up of the SAE, else ``train``'s when set (> 0), else the architecture's
+        default (relu / gated: clip 1 and λ warm-up over the first 5% of steps, Anthropic Circuits Updates
+        April 2024)."""
         cls = ARCHITECTURES[self.params.architecture]
         param_lr = {}
         if self.params.architecture == "jumprelu":
