@@ -106,7 +106,7 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
 
     cfg = _load(config, overrides)
     s = stage.run(cfg)
-    click.echo(stage.format_table(s["results"]))
+    click.echo(stage.format_table(s["results"], paired=s.get("paired")))
     click.echo(f"SAEs: {s['out_dir']}")
 
 
@@ -154,7 +154,7 @@ def run(config: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"analysis: {an['out_dir']}  (report: {an['report']}, {an['report_html']})")
     click.echo("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     click.echo("")
-    click.echo(train.format_table(tr["results"], an.get("unigram_fraction")))
+    click.echo(train.format_table(tr["results"], an.get("unigram_fraction"), tr.get("paired")))
 
 
 @main.command()

@@ -93,7 +93,7 @@ from pipeline.training import MultiTrainer, TrainOptions, input_scale, resolve_a
 
 D_MODEL, D_SAE, K, BATCH, D_VOCAB = 576, 4608, 32, 4096, 49152
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
-LR, LOOKUP_LR_SCALE, ALPHA = 4e-4, 100.0, 0.5  # pipeline/config.py defaults
+LR, LOOKUP_LR_SCALE, ALPHA = 4e-4, 25.0, 0.5  # pipeline/config.py defaults
 
 # Best peer tokens/s at this shape (/work/shared/peers/results-2026-11-22.txt), and the peers' own dense
 # plain-PyTorch baseline in that run: targets are 1.5 × peer / PEER_BASELINE, as ratios to our baseline.

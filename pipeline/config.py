@@ -122,16 +122,31 @@ class SAEConfig:
     """Tokenized: 0 = a row per vocabulary token; N = rows for the cache's N most frequent tokens only."""
     lr: float = 0.0
     """Learning rate; 0 takes ``train.lr``."""
-    lookup_lr_scale: float = 100.0
-    """Lookup learning rate = lookup_lr_scale * lr (paper Sec. 4.2: up to 100x)."""
+    lookup_lr_scale: float = 25.0
+    """Lookup learning rate = lookup_lr_scale * lr. Default 25: the authors' 0.01 (paper Sec. 4.2, smol-sae
+    ``tokenized.py``) at the base rate 4e-4 (``train.lr``'s default); the paper allows up to 100x."""
     aux_k: int = 512
     """AuxK dead latents (TopK family; Gao et al. 2024)."""
     aux_coeff: float = 1 / 32
     """AuxK coefficient; 0 disables it."""
     bandwidth: float = 0.001
-    """JumpReLU straight-through-estimator bandwidth ε."""
+    """JumpReLU straight-through-estimator bandwidth ε **at unit input scale** (E‖x‖² = 1, where Rajamanoharan
+    et al. 2024b's ε = 0.001 was set). Training inputs have E‖x‖² = d_model, √d_model times larger, so the
+    SAE uses ε·√d_model (recorded in cfg.json as ``bandwidth``)."""
     init_threshold: float = 0.001
-    """JumpReLU initial threshold."""
+    """JumpReLU initial threshold θ₀ at unit input scale (paper: 0.001); the SAE starts at θ₀·√d_model."""
+    threshold_lr: float = 0.0
+    """JumpReLU: peak Adam learning rate of log θ (its own parameter group, same schedule). 0 = max(lr,
+    10 / training steps): an Adam step moves log θ by about its lr at most, and θ must be able to travel from
+    θ₀ (the paper's 0.001 at unit scale) to the pre-activations' scale, ~e^4 away, within the run (10 leaves
+    room for the schedule's warm-up and decay). With the SAE's lr alone (1e-3) θ moved at most 14% in the
+    demo's 131 steps, so λ could not set the L0."""
+    grad_clip: float = -1.0
+    """Max global norm of this SAE's dense gradients; negative: ``train.grad_clip``, except relu and gated,
+    which default to 1 (Anthropic Circuits Updates, April 2024) when ``train.grad_clip`` is 0."""
+    sparsity_warmup_frac: float = -1.0
+    """λ ramps linearly from 0 over this fraction of the run's steps; negative: ``train.sparsity_warmup_steps``,
+    except relu and gated, which default to 0.05 (April 2024 update: the first 5% of steps) when that is 0."""
     prefixes: list[int] = field(default_factory=list)
     """Matryoshka nested dictionary sizes (ascending, last = d_sae); empty: d_sae/16 … d_sae."""
     seed: int = -1
@@ -160,21 +175,27 @@ class SAEConfig:
             raise ConfigError(f"{where}: lookup_rows, aux_k and aux_coeff must be >= 0")
         if self.bandwidth <= 0 or self.init_threshold <= 0:
             raise ConfigError(f"{where}: bandwidth and init_threshold must be > 0")
+        if self.threshold_lr < 0:
+            raise ConfigError(f"{where}.threshold_lr must be >= 0 (0 = max(lr, 10 / training steps))")
+        if self.sparsity_warmup_frac > 1:
+            raise ConfigError(f"{where}.sparsity_warmup_frac={self.sparsity_warmup_frac} must be <= 1 "
+                              "(a fraction of the run's steps; negative = the default)")
 
     def canonical(self) -> SAEConfig:
         """A copy with fields the architecture ignores reset to their defaults (for merging grid points)."""
         c = dataclasses.replace(self)
         topk_family = self.architecture in TOPK_FAMILY
         if topk_family:
-            c.sparsity_coeff, c.bandwidth, c.init_threshold = -1.0, 0.001, 0.001
+            c.sparsity_coeff, c.bandwidth, c.init_threshold, c.threshold_lr = -1.0, 0.001, 0.001, 0.0
+            c.sparsity_warmup_frac = -1.0
         else:
             c.k, c.aux_k, c.aux_coeff = 32, 512, 1 / 32
             if self.architecture != "jumprelu":
-                c.bandwidth, c.init_threshold = 0.001, 0.001
+                c.bandwidth, c.init_threshold, c.threshold_lr = 0.001, 0.001, 0.0
         if self.architecture != "matryoshka_batchtopk":
             c.prefixes = []
         if not self.tokenized:
-            c.alpha, c.lookup_rows, c.lookup_lr_scale = 0.5, 0, 100.0
+            c.alpha, c.lookup_rows, c.lookup_lr_scale = 0.5, 0, 25.0
         return c
 
 
@@ -233,8 +254,14 @@ class TrainConfig:
     """Write a checkpoint every this many steps (0 = only on SIGTERM/SIGINT and at the end)."""
     resume: bool = True
     """Resume from ``out_dir/checkpoint`` when it exists (the config must match)."""
-    ce_eval_seqs: int = 16
-    """Held-out sequences for the CE-loss evaluation (0 = no CE evaluation, no LM loaded)."""
+    ce_eval_seqs: int = 256
+    """Held-out sequences for the CE-loss evaluation, sampled (seeded by ``seed``) across all held-out chunks;
+    fewer when the held-out split has fewer (the run says so). 0 = no CE evaluation, no LM loaded."""
+    eval_tokens: int = 262_144
+    """Held-out tokens for the final NMSE / L0 / dead-latent evaluation: whole sequences sampled (seeded by
+    ``seed``) across all held-out chunks until this many tokens; all of them when the split has fewer."""
+    bootstrap_samples: int = 1000
+    """Bootstrap resamples (of held-out sequences) behind every 95% interval in eval.json / summary.json."""
     ce_every: int = 0
     """Also log held-out CE added every this many steps, a multiple of ``log_every`` (0 = only at the end)."""
     ce_autocast: str = "auto"
@@ -253,12 +280,17 @@ class TrainConfig:
     """Drop position 0 (the BOS attention sink) from training and evaluation batches."""
     log_every: int = 10
     """Training metrics are logged every this many steps."""
-    dead_after_tokens: int = 100_000
-    """A latent counts as dead when it has not fired for this many training tokens."""
+    dead_after_tokens: int = 0
+    """A latent counts as dead (AuxK, the logged training dead fraction) when it has not fired for this many
+    training tokens. 0 = Gao et al. 2024's 10M when the run sees at least 4 × 10M tokens, else a quarter of
+    the run's tokens (with a warning saying so)."""
     device: str = "auto"
 
     def validate(self) -> None:
-        _positive(self, "batch_size", "buffer_tokens", "lr", "n_epochs", "log_every", "dead_after_tokens")
+        _positive(self, "batch_size", "buffer_tokens", "lr", "n_epochs", "log_every", "eval_tokens",
+                  "bootstrap_samples")
+        if self.dead_after_tokens < 0:
+            raise ConfigError("train.dead_after_tokens must be >= 0 (0 = automatic: 10M or a quarter of the run)")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ConfigError(f"train.adam_betas={self.adam_betas}: give two values in [0, 1), e.g. [0.9, 0.999]")
         if self.b_dec_init not in ("mean", "geometric_median"):

@@ -98,13 +98,27 @@ def load_cache_model(cache: Cache, device: str | torch.device = "auto", check_id
     return lm
 
 
-def cache_tokens(cache: Cache, chunks: Sequence[int] | None = None, max_seq: int | None = None) -> Tensor:
-    """Token rows of ``chunks`` (cache order; all valid rows when None), at most ``max_seq`` of them.
+def cache_tokens(cache: Cache, chunks: Sequence[int] | None = None, max_seq: int | None = None,
+                 rows: np.ndarray | None = None) -> Tensor:
+    """Token rows of ``chunks`` (cache order; all valid rows when None), at most ``max_seq`` of them; or, with
+    ``rows``, those sequence rows in that order (e.g. a prefix of :func:`heldout_rows`; ``chunks`` ignored).
 
     Use the held-out chunks of :func:`pipeline.reader.split_chunks` with the split seed training used.
     Returns int64 [n_seq, context_size] on the CPU.
     """
     from pipeline.reader import chunk_rows, n_chunks
+
+    if rows is not None:
+        rows = np.asarray(rows, dtype=np.int64)[:max_seq]
+        if not len(rows):
+            return torch.empty(0, cache.context_size, dtype=torch.int64)
+        out = np.empty((len(rows), cache.context_size), dtype=np.int64)
+        tok_arr = cache.array("tokens")
+        for c in np.unique(rows // cache.seq_chunk):
+            where = np.nonzero(rows // cache.seq_chunk == c)[0]
+            a, b = chunk_rows(cache, int(c))
+            out[where] = tok_arr[a:b][rows[where] - a]
+        return torch.from_numpy(out)
 
     chunks = range(n_chunks(cache)) if chunks is None else chunks
     rows, n = [], 0
@@ -119,6 +133,53 @@ def cache_tokens(cache: Cache, chunks: Sequence[int] | None = None, max_seq: int
         return torch.empty(0, cache.context_size, dtype=torch.int64)
     out = torch.from_numpy(np.concatenate(rows).astype(np.int64))
     return out if max_seq is None else out[:max_seq]
+
+
+def heldout_rows(cache: Cache, chunks: Sequence[int], seed: int = 0) -> np.ndarray:
+    """Every sequence row of ``chunks`` in a seeded random order: int64 [n_rows].
+
+    Evaluation sets take a prefix of this order (:func:`load_rows`, :func:`cache_tokens` with ``rows``), so
+    they are simple random samples of sequences drawn across *all* held-out chunks — not the first chunks in
+    cache order, whose documents may differ from the rest — and a larger set contains a smaller one.
+    """
+    from pipeline.reader import chunk_rows
+
+    rows = [np.arange(*chunk_rows(cache, c), dtype=np.int64) for c in chunks]
+    rows = np.concatenate(rows) if rows else np.zeros(0, dtype=np.int64)
+    return np.random.default_rng(seed).permutation(rows)
+
+
+def load_rows(cache: Cache, hook: str, rows: np.ndarray, exclude_bos: bool = True,
+              device: str | torch.device = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+    """Activations of sequence ``rows`` (in that order), flattened to tokens.
+
+    Returns (acts float32 [n, d_model], tokens int64 [n], seq int64 [n]: the index into ``rows`` of each
+    token's sequence), on ``device``. With ``exclude_bos`` and a ``prepend_bos`` cache, position 0 of every
+    sequence is dropped. Reads each chunk touched once.
+    """
+    from pipeline.cache import to_torch
+
+    rows = np.asarray(rows, dtype=np.int64)
+    d_model = int(cache.meta["d_model"])
+    if not len(rows):
+        z = torch.zeros(0, dtype=torch.int64, device=device)
+        return torch.zeros(0, d_model, device=device), z, z.clone()
+    acts_arr, tok_arr = cache.array(f"acts/{hook}"), cache.array("tokens")
+    start = 1 if exclude_bos and cache.meta["prepend_bos"] else 0
+    chunk = rows // cache.seq_chunk
+    acts = np.empty((len(rows), cache.context_size - start, d_model), dtype=acts_arr.dtype)
+    toks = np.empty((len(rows), cache.context_size - start), dtype=np.int64)
+    for c in np.unique(chunk):
+        where = np.nonzero(chunk == c)[0]
+        a = int(c) * cache.seq_chunk
+        b = min(a + cache.seq_chunk, cache.n_seq)
+        local = rows[where] - a
+        acts[where] = acts_arr[a:b][local, start:]
+        toks[where] = tok_arr[a:b][local, start:]
+    n_pos = acts.shape[1]
+    x = to_torch(np.ascontiguousarray(acts.reshape(-1, d_model)), cache.dtype).to(device=device, dtype=torch.float32)
+    seq = torch.arange(len(rows), dtype=torch.int64).repeat_interleave(n_pos)
+    return x, torch.from_numpy(toks.reshape(-1)).to(device), seq.to(device)
 
 
 def sae_reconstructor(sae: torch.nn.Module) -> Reconstruct:
@@ -139,11 +200,11 @@ def sae_reconstructor(sae: torch.nn.Module) -> Reconstruct:
     return reconstruct
 
 
-def _ce_sum(logits: Tensor, tokens: Tensor) -> float:
-    """Summed next-token cross-entropy (float32 softmax) over positions 0..ctx-2 of every sequence."""
-    v = logits.shape[-1]
-    return float(F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), tokens[:, 1:].reshape(-1),
-                                 reduction="sum"))
+def _ce_sum(logits: Tensor, tokens: Tensor) -> np.ndarray:
+    """Next-token cross-entropy (float32 softmax) summed over positions 0..ctx-2 of each sequence: float64 [b]."""
+    b, _, v = logits.shape
+    ce = F.cross_entropy(logits[:, :-1].reshape(-1, v).float(), tokens[:, 1:].reshape(-1), reduction="none")
+    return ce.view(b, -1).double().sum(-1).cpu().numpy()
 
 
 @torch.no_grad()
@@ -162,7 +223,10 @@ def ce_losses(lm: LM, tokens: Tensor, hook: str, reconstruct: Mapping[str, Recon
     training run logging CE added every few steps does).
 
     Returns {"ce_clean", "ce_zero_ablated": float (mean nats per predicted token), "n_seq",
-    "n_predictions": int, "per_sae": {name: {"ce_spliced", "ce_added", "ce_recovered"}}, "baseline": list}.
+    "n_predictions": int, "per_sae": {name: {"ce_spliced", "ce_added", "ce_recovered"}}, "baseline": list,
+    "per_seq": {"clean", "zero": float64 [n_seq] summed CE of each sequence (nats), "n_pred": [n_seq]
+    predictions per sequence, "spliced": {name: float64 [n_seq]}}}
+    (the per-sequence sums give bootstrap intervals, :mod:`pipeline.metrics`).
     ce_recovered is NaN when zero-ablating does not change the loss. Raises ValueError on bad
     shapes, RuntimeError if the hook does not fire.
     """
@@ -172,7 +236,7 @@ def ce_losses(lm: LM, tokens: Tensor, hook: str, reconstruct: Mapping[str, Recon
         raise ValueError(f"tokens must be [n_seq >= 1, ctx >= 2], got {tuple(tokens.shape)}")
     dev = lm.device
     n_seq, ctx = tokens.shape
-    sums = {"clean": 0.0, "zero": 0.0, **{f"sae:{k}": 0.0 for k in reconstruct}}
+    sums: dict[str, list[np.ndarray]] = {"clean": [], "zero": [], **{f"sae:{k}": [] for k in reconstruct}}
     state: dict[str, Any] = {}
     hook_name = hook
 
@@ -219,19 +283,22 @@ def ce_losses(lm: LM, tokens: Tensor, hook: str, reconstruct: Mapping[str, Recon
             x, clean, zero = baseline[b]
             x = x.to(dev)
         new_baseline.append((x, clean, zero))
-        sums["clean"] += clean
-        sums["zero"] += zero
+        sums["clean"].append(clean)
+        sums["zero"].append(zero)
         for name, fn in reconstruct.items():
             state["new"] = fn(x.clone(), toks)  # a callable that edits its input cannot touch the next
-            sums[f"sae:{name}"] += _ce_sum(forward(toks, replace), toks)
+            sums[f"sae:{name}"].append(_ce_sum(forward(toks, replace), toks))
         state.pop("new", None)
 
     n_pred = n_seq * (ctx - 1)
-    clean, zero = sums["clean"] / n_pred, sums["zero"] / n_pred
+    per_seq = {k: np.concatenate(v) for k, v in sums.items()}
+    clean, zero = per_seq["clean"].sum() / n_pred, per_seq["zero"].sum() / n_pred
     per_sae = {}
     for name in reconstruct:
-        spliced = sums[f"sae:{name}"] / n_pred
+        spliced = per_seq[f"sae:{name}"].sum() / n_pred
         per_sae[name] = {"ce_spliced": spliced, "ce_added": spliced - clean,
                          "ce_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
-    return {"ce_clean": clean, "ce_zero_ablated": zero, "n_seq": int(n_seq), "n_predictions": int(n_pred),
-            "per_sae": per_sae, "baseline": new_baseline}
+    per_seq = {"clean": per_seq["clean"], "zero": per_seq["zero"], "n_pred": np.full(n_seq, float(ctx - 1)),
+               "spliced": {name: per_seq[f"sae:{name}"] for name in reconstruct}}
+    return {"ce_clean": float(clean), "ce_zero_ablated": float(zero), "n_seq": int(n_seq),
+            "n_predictions": int(n_pred), "per_sae": per_sae, "baseline": new_baseline, "per_seq": per_seq}

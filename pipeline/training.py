@@ -216,6 +216,19 @@ def _fused_ok(params: list[Tensor]) -> bool:
 
 
 @dataclass
+class MemberOptions:
+    """Per-SAE optimisation settings that override :class:`TrainOptions` for one member of a run.
+
+    param_lr: {parameter name: peak learning rate} for parameters that get their own Adam parameter group
+    (same schedule), e.g. JumpReLU's ``log_threshold``. grad_clip / sparsity_warmup_steps: this SAE's values
+    (None: the run's :class:`TrainOptions`)."""
+
+    param_lr: dict[str, float] = field(default_factory=dict)
+    grad_clip: float | None = None
+    sparsity_warmup_steps: int | None = None
+
+
+@dataclass
 class Member:
     """One SAE in a multi-SAE run, with its optimisers (dense Adam; lazy Adam for the lookup)."""
 
@@ -225,30 +238,45 @@ class Member:
     schedulers: list[torch.optim.lr_scheduler.LambdaLR]
     forward: object = None
     terms: dict[str, float] = field(default_factory=dict)
+    grad_clip: float = 0.0
+    sparsity_warmup_steps: int = 0
 
 
 class MultiTrainer:
     """Train several SAEs on the same (already scaled) batches.
 
-    saes: {name: (sae, lr, lookup_lr)}; opts: :class:`TrainOptions`.
+    saes: {name: (sae, lr, lookup_lr)} or {name: (sae, lr, lookup_lr, :class:`MemberOptions`)};
+    opts: :class:`TrainOptions`. Raises ValueError for a ``param_lr`` name the SAE does not have.
     """
 
-    def __init__(self, saes: dict[str, tuple[SAE, float, float]], opts: TrainOptions):
+    METRICS = ("loss", "mse", "nmse", "l0", "dead_frac", "lr")
+    """Keys :meth:`step` logs; an architecture's loss terms (e.g. ``l0_penalty`` = λ·L0) may not reuse them."""
+
+    def __init__(self, saes: dict[str, tuple], opts: TrainOptions):
         self.opts = opts
         self.members: list[Member] = []
         self.step_count, self.tokens_seen = 0, 0
         sched = lr_lambda(opts.warmup_steps, opts.total_steps, opts.lr_final_frac)
-        if any(p.device.type == "cpu" for sae, _, _ in saes.values() for p in sae.parameters()):
+        if any(p.device.type == "cpu" for sae, *_ in saes.values() for p in sae.parameters()):
             keep_freed_memory()
-        for name, (sae, lr, lookup_lr) in saes.items():
-            dense = [p for n, p in sae.named_parameters() if n != "W_lookup"]
-            optims: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr, betas=opts.betas,
-                                                                    fused=_fused_ok(dense))]
+        for name, (sae, lr, lookup_lr, *more) in saes.items():
+            mo = more[0] if more else MemberOptions()
+            named = dict(sae.named_parameters())
+            unknown = sorted(set(mo.param_lr) - set(named))
+            if unknown:
+                raise ValueError(f"{name}: param_lr names {unknown}, which {type(sae).__name__} does not have")
+            dense = [p for n, p in named.items() if n != "W_lookup" and n not in mo.param_lr]
+            groups = [{"params": dense, "lr": lr}] + [{"params": [named[n]], "lr": v} for n, v in mo.param_lr.items()]
+            params = [p for g in groups for p in g["params"]]
+            optims: list[torch.optim.Optimizer] = [torch.optim.Adam(groups, lr=lr, betas=opts.betas,
+                                                                    fused=_fused_ok(params))]
             if sae.W_lookup is not None:
                 optims.append(LazyAdam([sae.W_lookup], lr=lookup_lr, betas=opts.betas))
             scheds = [torch.optim.lr_scheduler.LambdaLR(o, sched) for o in optims]
             fwd = torch.compile(sae) if opts.compile else sae
-            self.members.append(Member(name, sae, optims, scheds, fwd))
+            clip = opts.grad_clip if mo.grad_clip is None else mo.grad_clip
+            warm = opts.sparsity_warmup_steps if mo.sparsity_warmup_steps is None else mo.sparsity_warmup_steps
+            self.members.append(Member(name, sae, optims, scheds, fwd, grad_clip=clip, sparsity_warmup_steps=warm))
 
     def step(self, x: Tensor, tokens: Tensor, log: bool = True) -> dict[str, dict[str, float]]:
         """One optimisation step of every SAE on x [batch, d_model], tokens [batch].
@@ -257,10 +285,10 @@ class MultiTrainer:
         (floats; computing them synchronises the device), else {}.
         """
         out = {}
-        warm = self.opts.sparsity_warmup_steps
         for m in self.members:
             sae = m.sae
             sae.train()
+            warm = m.sparsity_warmup_steps
             sae.sparsity_scale = min(1.0, (self.step_count + 1) / warm) if warm > 0 else 1.0
             with autocast_context(x.device, self.opts.autocast):
                 res = m.forward(x, tokens)
@@ -272,14 +300,18 @@ class MultiTrainer:
                 o.zero_grad(set_to_none=True)
             res.loss.backward()
             sae.before_optimizer_step()
-            if self.opts.grad_clip > 0:  # dense parameters only; the lookup's gradient is sparse
-                torch.nn.utils.clip_grad_norm_(m.optimizers[0].param_groups[0]["params"], self.opts.grad_clip)
+            if m.grad_clip > 0:  # dense parameters only; the lookup's gradient is sparse
+                torch.nn.utils.clip_grad_norm_([p for g in m.optimizers[0].param_groups for p in g["params"]],
+                                               m.grad_clip)
             for o, s in zip(m.optimizers, m.schedulers):
                 o.step()
                 s.step()
             sae.after_optimizer_step()
             if log:
                 with torch.no_grad():
+                    clash = set(res.terms) & set(self.METRICS)
+                    if clash:  # a loss term named like a metric would overwrite it (JumpReLU's λ·L0 did "l0")
+                        raise ValueError(f"{type(sae).__name__} names loss terms {sorted(clash)} like logged metrics")
                     out[m.name] = {
                         "loss": float(res.loss), "mse": float(res.mse), "nmse": float(M.nmse(x, res.x_hat)),
                         "l0": float(M.l0(res.latents)), "dead_frac": float(sae.dead_mask().float().mean()),
@@ -291,27 +323,39 @@ class MultiTrainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, x: Tensor, tokens: Tensor, batch_size: int = 4096) -> dict[str, dict]:
-        """Held-out metrics of every SAE (eval mode) on x [n, d_model], tokens [n].
+    def evaluate(self, x: Tensor, tokens: Tensor, batch_size: int = 4096, seq: Tensor | None = None,
+                 n_seq: int = 0) -> dict[str, dict]:
+        """Held-out metrics of every SAE (eval mode, float32 whatever the training autocast) on x [n, d_model],
+        tokens [n].
 
         NMSE over the whole set: Σ‖x - x̂‖² / Σ‖x - mean(x)‖²; explained variance = 1 - NMSE; L0 mean and
         its histogram (``l0_hist``: counts of tokens with L0 = 0, 1, …); firing frequency per latent
-        (``firing_freq`` float [d_sae], fraction of held-out tokens it fires on), dead (never fires)
-        and dense (fires on > 10% of tokens) fractions.
+        (``firing_freq`` float [d_sae], fraction of held-out tokens it fires on), the fraction of latents with
+        no firing in these n tokens (``dead_frac_heldout``; ``dead_window_heldout`` = n) and of dense ones
+        (fire on > 10% of tokens). With ``seq`` (int64 [n], each token's sequence in 0 … n_seq-1) every SAE's
+        entry also holds ``per_seq`` = {"sse", "l0": float64 [n_seq] sums per sequence}, and the result an
+        entry ``"_per_seq"`` = {"sumsq" [n_seq], "sum" [n_seq, d_model], "n" [n_seq]} of the inputs: what
+        :mod:`pipeline.metrics`' bootstrap intervals need.
         """
-        mean = x.float().mean(0)
-        var = (x.float() - mean).pow(2).sum().item()
-        out = {}
+        x = x.float()
+        mean = x.mean(0)
+        var = (x - mean).pow(2).sum().item()
+        out: dict[str, dict] = {}
+        if seq is not None:
+            out["_per_seq"] = {"sumsq": M.seq_sums(x.pow(2).sum(-1), seq, n_seq), "sum": M.seq_sums(x, seq, n_seq),
+                               "n": M.seq_sums(torch.ones(len(x), device=x.device), seq, n_seq)}
         for m in self.members:
             m.sae.eval()
             sse = 0.0
-            l0s = []
+            l0s, sses = [], []
             fires = torch.zeros(m.sae.params.d_sae, dtype=torch.long, device=x.device)
             for s in range(0, len(x), batch_size):
                 xb, tb = x[s:s + batch_size], tokens[s:s + batch_size]
-                with autocast_context(x.device, self.opts.autocast):
+                with torch.autocast(x.device.type, enabled=False):
                     res = m.sae(xb, tb)
-                sse += M.mse_per_token(xb, res.x_hat).sum().item()
+                err = M.mse_per_token(xb, res.x_hat)
+                sse += err.double().sum().item()
+                sses.append(err)
                 l0s.append(M.l0_per_token(res.latents))
                 fires += M.firing_counts(res.latents)
             n = max(1, len(x))
@@ -321,8 +365,12 @@ class MultiTrainer:
                            "l0": float(l0.mean()) if len(l0) else 0.0,
                            "l0_hist": torch.bincount(l0.long().cpu()).tolist() if len(l0) else [],
                            "dead_frac_heldout": float((fires == 0).float().mean()),
+                           "dead_window_heldout": len(x),
                            "dense_frac_heldout": float((freq > 0.1).float().mean()),
                            "firing_freq": freq.cpu()}
+            if seq is not None:
+                out[m.name]["per_seq"] = {"sse": M.seq_sums(torch.cat(sses), seq, n_seq),
+                                          "l0": M.seq_sums(l0, seq, n_seq)}
         return out
 
     def export(self, name: str, scale: float) -> SAE:

@@ -31,6 +31,7 @@ from pipeline.models import load_tokenizer, resolve_device
 from pipeline.reader import load_tokens, split_chunks
 from pipeline.saes import SAE, load_sae
 from stages import resolve_cache
+from stages.train import format_ci
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
@@ -386,6 +387,19 @@ def section_unigram_features(ctx: Context) -> Section:
                     "fraction": {r["sae"]: r["fraction_latents_activated_by_a_unigram"] for r in rows}})
 
 
+def _paired_intervals(ctx: Context, pairs: list[tuple[str, str]]) -> list[dict]:
+    """Paired tokenized − plain intervals of twin ``pairs`` from the per-sequence sums ``train`` saved next to
+    each SAE (none for SAEs trained before those files existed)."""
+    from stages.train import PER_SEQ_FILE, load_per_seq, paired_rows
+
+    files = {n: ctx.sae_dirs[n] / PER_SEQ_FILE for pair in pairs for n in pair}
+    pairs = [pr for pr in pairs if all(files[n].is_file() for n in pr)]
+    if not pairs:
+        return []
+    final, ce = load_per_seq({n: files[n] for pr in pairs for n in pr})
+    return paired_rows(pairs, final, ce, ctx.cfg.train.bootstrap_samples, ctx.cfg.train.seed)
+
+
 def section_frontiers(ctx: Context) -> Section:
     from pipeline.analysis import frontiers as F
 
@@ -399,11 +413,20 @@ def section_frontiers(ctx: Context) -> Section:
         figs.append(Figure(path, f"Held-out {label} against L0 for every SAE, with each family's Pareto front "
                                  "(paper Fig. 7): lower-left is better."))
         data[f"pareto_{metric}"] = {g: [ps[i][0] for i in fr.front[g]] for g, ps in fr.points.items()}
-    tables.append(Table("Held-out metrics", ["SAE", "arch", "tokenized", "d_sae", "L0", "NMSE", "CE added"],
-                        [[r["name"], r["architecture"], r["tokenized"], r["d_sae"], f"{r['l0']:.1f}",
-                          f"{r['nmse']:.4f}", "" if r.get("ce_added") is None else f"{r['ce_added']:.4f}"]
-                         for r in results]))
+    tables.append(Table("Held-out metrics (95% CI: percentile bootstrap over held-out sequences)",
+                        ["SAE", "arch", "tokenized", "d_sae", "L0", "NMSE", "CE added"],
+                        [[r["name"], r["architecture"], r["tokenized"], r["d_sae"],
+                          format_ci(r["l0"], r.get("l0_ci95"), ".1f"), format_ci(r["nmse"], r.get("nmse_ci95"), ".4f"),
+                          format_ci(r.get("ce_added"), r.get("ce_added_ci95"), ".4f")] for r in results]))
     pairs = F.twins(results)
+    paired = _paired_intervals(ctx, pairs)
+    if paired:
+        tables.append(Table("Tokenized − plain (paired 95% CI: the same held-out sequences, paired bootstrap)",
+                            ["plain", "tokenized", "ΔNMSE", "ΔL0", "ΔCE added"],
+                            [[p["plain"], p["tokenized"], format_ci(p.get("nmse_diff"), p.get("nmse_diff_ci95"), "+.4f"),
+                              format_ci(p.get("l0_diff"), p.get("l0_diff_ci95"), "+.1f"),
+                              format_ci(p.get("ce_added_diff"), p.get("ce_added_diff_ci95"), "+.4f")] for p in paired]))
+        data["paired"] = paired
     conv_rows = []
     for key, label in (("heldout_nmse", "NMSE"), ("heldout_ce_added", "CE added")):
         convs = [c for p, t in pairs if (c := F.convergence(p, t, ctx.logs, key)) is not None]

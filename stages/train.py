@@ -9,6 +9,7 @@ into groups trained on the workers of a dask.distributed cluster, each reading t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,24 +20,33 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import click
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pipeline import metrics as M
 from pipeline.analysis.plots import plot_training_curves
 from pipeline.cache import Cache
-from pipeline.config import TOPK_FAMILY, Config, ConfigError, SAEConfig
+from pipeline.config import TOPK_FAMILY, Config, ConfigError, SAEConfig, TrainConfig
+from pipeline.evaluation import heldout_rows, load_rows
 from pipeline.models import resolve_device
 from pipeline.reader import ActivationReader, load_tokens, split_chunks
-from pipeline.saes import SAE, SAEParams
+from pipeline.saes import ARCHITECTURES, SAE, SAEParams
 from pipeline.saes.init import derive_init_seed, initial_sae, same_init_scheme
-from pipeline.training import MultiTrainer, TrainOptions, autocast_context, input_scale, resolve_autocast
+from pipeline.training import (MemberOptions, MultiTrainer, TrainOptions, autocast_context, input_scale,
+                               resolve_autocast)
 from stages import resolve_cache
 
-HELDOUT_TOKENS = 65_536
-"""Held-out tokens for the final evaluation (the periodic log uses its first 4096)."""
+LOG_HELDOUT_TOKENS = 4096
+"""Held-out tokens of the periodic log's NMSE / L0 (the first of the final evaluation's sampled sequences)."""
+DEAD_WINDOW_TOKENS = 10_000_000
+"""Gao et al. 2024's dead-latent window: no firing in this many training tokens."""
+THRESHOLD_TRAVEL = 10.0
+"""JumpReLU's default log-θ learning rate is max(lr, THRESHOLD_TRAVEL / training steps) (config.SAEConfig.threshold_lr)."""
 CHECKPOINT = "checkpoint"
 RUN_KEYS_IGNORED_FOR_RESUME = ("resume", "checkpoint_every", "device", "workers", "scheduler", "log_every",
-                               "ce_every", "ce_eval_seqs", "ce_autocast", "compile")
+                               "ce_every", "ce_eval_seqs", "ce_autocast", "compile", "eval_tokens",
+                               "bootstrap_samples")
 """[train] keys that may change between an interrupted run and its resumption."""
 
 
@@ -45,7 +55,8 @@ class TrainingInterrupted(RuntimeError):
 
 
 _SHORT = {"alpha": "a", "lookup_rows": "r", "lr": "lr", "lookup_lr_scale": "ls", "aux_k": "ak", "aux_coeff": "ac",
-          "bandwidth": "bw", "init_threshold": "th", "seed": "s"}
+          "bandwidth": "bw", "init_threshold": "th", "threshold_lr": "tlr", "grad_clip": "gc",
+          "sparsity_warmup_frac": "sw", "seed": "s"}
 
 
 def sae_name(s: SAEConfig, d_sae: int) -> str:
@@ -80,6 +91,22 @@ class Spec:
     of the SAE named by ``init_like``."""
     init_like: str = ""
     """Name of the SAE whose initial weights this one shares (resolved ``init_like``); empty: none."""
+
+    def options(self, t: TrainConfig, total_steps: int) -> MemberOptions:
+        """This SAE's :class:`MemberOptions` under ``[train]`` settings ``t`` for a run of ``total_steps``:
+        JumpReLU's log-threshold lr (``threshold_lr``; 0 = max(lr, :data:`THRESHOLD_TRAVEL` / total_steps));
+        the gradient clip and λ warm-up of the SAE, else ``train``'s when set (> 0), else the architecture's
+        default (relu / gated: clip 1 and λ warm-up over the first 5% of steps, Anthropic Circuits Updates
+        April 2024)."""
+        cls = ARCHITECTURES[self.params.architecture]
+        param_lr = {}
+        if self.params.architecture == "jumprelu":
+            param_lr["log_threshold"] = self.cfg.threshold_lr or max(self.lr, THRESHOLD_TRAVEL / total_steps)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip >= 0 else (t.grad_clip or cls.default_grad_clip)
+        frac = self.cfg.sparsity_warmup_frac
+        warm = (round(frac * total_steps) if frac >= 0 else
+                t.sparsity_warmup_steps or round(cls.default_sparsity_warmup_frac * total_steps))
+        return MemberOptions(param_lr=param_lr, grad_clip=clip, sparsity_warmup_steps=warm)
 
 
 PLAIN_TWIN = "plain-twin"
@@ -152,8 +179,8 @@ def plan(cfg: Config, cache: Cache, hook: str) -> list[Spec]:
         params = SAEParams(architecture=s.architecture, d_model=d_model, d_sae=d_sae, k=s.k, tokenized=s.tokenized,
                            d_vocab=d_vocab if s.tokenized else 0, lookup_rows=s.lookup_rows if s.tokenized else 0,
                            sparsity_coeff=s.sparsity_coeff, aux_k=s.aux_k, aux_coeff=s.aux_coeff,
-                           dead_after_tokens=t.dead_after_tokens, bandwidth=s.bandwidth,
-                           init_threshold=s.init_threshold, prefixes=list(s.prefixes), hook=hook,
+                           dead_after_tokens=t.dead_after_tokens, bandwidth=s.bandwidth * math.sqrt(d_model),
+                           init_threshold=s.init_threshold * math.sqrt(d_model), prefixes=list(s.prefixes), hook=hook,
                            model=cache.meta["model"])
         if params.lookup_rows > d_vocab:
             raise ConfigError(f"{name}: lookup_rows={params.lookup_rows} exceeds the vocabulary ({d_vocab})")
@@ -161,6 +188,19 @@ def plan(cfg: Config, cache: Cache, hook: str) -> list[Spec]:
     out = list(specs.values())
     resolve_init(out)
     return out
+
+
+def dead_window(setting: int, run_tokens: int) -> int:
+    """The dead-latent window in training tokens for ``train.dead_after_tokens`` = ``setting`` on a run of
+    ``run_tokens``: the setting when > 0, else Gao et al.'s 10M when the run has at least 4 × 10M tokens, else
+    run_tokens // 4. Warns (on stderr) when the window is not 10M, saying what the dead fraction then means."""
+    window = setting or (DEAD_WINDOW_TOKENS if run_tokens >= 4 * DEAD_WINDOW_TOKENS else max(1, run_tokens // 4))
+    if window != DEAD_WINDOW_TOKENS:
+        click.echo(f"train: warning: dead latents: this run trains on {run_tokens:,} tokens; a latent counts as dead "
+                   f"(AuxK, the logged training dead_frac) after {window:,} tokens without firing, not Gao et al.'s "
+                   f"10M: the dead fraction means 'silent for the last {window:,} training tokens'"
+                   + ("; no latent can be dead in this run" if window >= run_tokens else ""), err=True)
+    return window
 
 
 def token_counts(cache: Cache, chunks: list[int]) -> torch.Tensor:
@@ -200,13 +240,22 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         raise ConfigError(f"the training split has {reader.tokens_per_epoch} tokens, fewer than one batch of "
                           f"{t.batch_size}: harvest more tokens or lower train.batch_size")
     total_steps = max(1, int(per_epoch * t.n_epochs))
+    window = dead_window(t.dead_after_tokens, total_steps * t.batch_size)
+    for s in specs:
+        s.params.dead_after_tokens = window
 
     # Sample for input normalisation and data-dependent init (first training chunks, in cache order).
     x0, tok0 = load_tokens(cache, hook, train_chunks, min(32_768, reader.tokens_per_epoch), t.exclude_bos,
                            device=dev)
     scale = input_scale(x0)
     x0 = x0 * scale
-    xh, th = load_tokens(cache, hook, held_chunks, HELDOUT_TOKENS, t.exclude_bos, device=dev)
+    rows = heldout_rows(cache, held_chunks, t.seed)
+    per_seq_tokens = cache.context_size - (1 if t.exclude_bos and cache.meta["prepend_bos"] else 0)
+    n_eval_seq = min(len(rows), -(-t.eval_tokens // per_seq_tokens))
+    if n_eval_seq * per_seq_tokens < t.eval_tokens:
+        click.echo(f"train: the held-out split has {len(rows)} sequences ({len(rows) * per_seq_tokens:,} tokens), "
+                   f"fewer than train.eval_tokens={t.eval_tokens:,}: NMSE / L0 are measured on all of them")
+    xh, th, sh = load_rows(cache, hook, rows[:n_eval_seq], t.exclude_bos, device=dev)
     xh = xh * scale
     unigram = counts = None
     if any(s.params.tokenized for s in specs):
@@ -217,7 +266,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     for s in specs:
         sae = initial_sae(s.params, s.init_seed).to(dev)  # random weights from its own init seed (or its twin's)
         sae.init_from_data(x0, tok0, unigram, s.cfg.alpha, token_counts=counts, b_dec_init=t.b_dec_init)
-        members[s.name] = (sae, s.lr, s.lr * s.cfg.lookup_lr_scale)
+        members[s.name] = (sae, s.lr, s.lr * s.cfg.lookup_lr_scale, s.options(t, total_steps))
     opts = TrainOptions(total_steps=total_steps, warmup_steps=t.warmup_steps, lr_final_frac=t.lr_final_frac,
                         betas=(t.adam_betas[0], t.adam_betas[1]), sparsity_warmup_steps=t.sparsity_warmup_steps,
                         grad_clip=t.grad_clip, autocast=resolve_autocast(t.autocast, dev), compile=t.compile)
@@ -233,7 +282,10 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         logs = state["logs"]
         click.echo(f"train: resuming from {ckpt.folder} at step {trainer.step_count}/{total_steps}")
 
-    ce = CEEvaluator(cfg, cache, hook, held_chunks, scale, dev) if t.ce_eval_seqs > 0 else None
+    ce = CEEvaluator(cfg, cache, hook, rows, scale, dev) if t.ce_eval_seqs > 0 else None
+    if ce is not None and len(ce.tokens) < t.ce_eval_seqs:
+        click.echo(f"train: the held-out split has {len(ce.tokens)} sequences, fewer than train.ce_eval_seqs="
+                   f"{t.ce_eval_seqs}: CE is measured on all of them")
     precision = "float32" if opts.autocast is None else f"{str(opts.autocast).removeprefix('torch.')} autocast"
     click.echo(f"train: {len(specs)} SAE(s) on {hook} of {cache.path}: {total_steps} steps x {t.batch_size} tokens "
                f"({reader.tokens_per_epoch:,} training tokens/epoch, {len(xh):,} held out), input scale "
@@ -252,7 +304,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
                 step_metrics = trainer.step(batch.acts * scale, batch.tokens, log=log)
                 bar.update(1)
                 if log:
-                    held = trainer.evaluate(xh[:4096], th[:4096])
+                    held = trainer.evaluate(xh[:LOG_HELDOUT_TOKENS], th[:LOG_HELDOUT_TOKENS])
                     ce_now = ce.run(trainer) if ce and t.ce_every and (k % t.ce_every == 0 or k == total_steps) else {}
                     for n, m in step_metrics.items():
                         row = {"step": k, "tokens": trainer.tokens_seen, **m, "heldout_nmse": held[n]["nmse"],
@@ -272,8 +324,9 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
                     break
     seconds = time.perf_counter() - t0
 
-    final = trainer.evaluate(xh, th)
+    final = trainer.evaluate(xh, th, seq=sh, n_seq=n_eval_seq)
     ce_final = ce.run(trainer) if ce else {}
+    intervals = heldout_intervals(final, ce_final, t.bootstrap_samples, t.seed)
     results = []
     for s in specs:
         n = s.name
@@ -287,26 +340,139 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         with open(folder / "metrics.jsonl", "w") as f:
             for row in logs[n]:
                 f.write(json.dumps(row) + "\n")
-        ev = {k: v for k, v in final[n].items() if k != "firing_freq"}
+        ev = {k: v for k, v in final[n].items() if k not in ("firing_freq", "per_seq")}
+        ev.update(intervals["per_sae"][n])
         ev.update(name=n, architecture=s.params.architecture, tokenized=s.params.tokenized, d_sae=s.params.d_sae,
                   k=s.params.k if s.params.architecture in TOPK_FAMILY else None,
                   sparsity_coeff=None if s.params.architecture in TOPK_FAMILY else sae.sparsity_coeff,
                   seed=s.seed, init_seed=s.init_seed, init_like=s.init_like, tokens_seen=trainer.tokens_seen,
-                  heldout_tokens=len(xh))
+                  heldout_tokens=len(xh), heldout_seqs=n_eval_seq,
+                  dead_window_tokens=s.params.dead_after_tokens, interval_method=intervals["method"])
         if n in ce_final:
             ev.update(ce_final[n], ce_clean=ce_final["_clean"], ce_zero_ablated=ce_final["_zero"],
                       ce_eval_seqs=ce_final["_n_seq"])
+            ev.update(intervals["per_sae_ce"].get(n, {}))
         torch.save(final[n]["firing_freq"], folder / "firing_freq.pt")
+        save_per_seq(folder / PER_SEQ_FILE, final, ce_final, n)
         (folder / "eval.json").write_text(json.dumps(ev, indent=2))
         results.append(ev)
     summary = {"out_dir": str(out_dir), "hook": hook, "cache": str(cache.path), "seconds": seconds,
-               "tokens_per_s": (trainer.tokens_seen / max(seconds, 1e-9)), "results": results}
+               "tokens_per_s": (trainer.tokens_seen / max(seconds, 1e-9)), "results": results,
+               "interval_method": intervals["method"],
+               "paired": paired_twins(specs, final, ce_final, t.bootstrap_samples, t.seed)}
     fname = "summary.json" if only is None else f"summary-{specs[0].name}.json"
     (out_dir / fname).write_text(json.dumps(summary, indent=2))
     if only is None:
         plot_training_curves(logs, out_dir / "training_curves.png")
     ckpt.remove()
     return summary
+
+
+HELDOUT_STATS = {"nmse": M.nmse_from_sums, "explained_variance": lambda s: 1.0 - M.nmse_from_sums(s),
+                 "l0": M.l0_from_sums}
+CE_STATS = {"ce_added": M.ce_added_from_sums, "ce_recovered": M.ce_recovered_from_sums}
+INTERVAL_METHOD = ("95% percentile bootstrap over held-out sequences (whole sequences resampled with "
+                   "replacement, {b} resamples; ratio metrics recomputed from the resampled sums)")
+
+
+def _sums(final: dict, ce: dict, name: str) -> tuple[dict | None, dict | None]:
+    """Per-sequence sums of SAE ``name`` for the held-out stats and the CE stats (None when not measured)."""
+    held = {**final["_per_seq"], **final[name]["per_seq"]} if "_per_seq" in final and name in final else None
+    cps = ce.get("_per_seq")
+    ce_sums = None
+    if cps is not None and name in cps["spliced"]:
+        ce_sums = {"clean": cps["clean"], "zero": cps["zero"], "n_pred": cps["n_pred"], "spliced": cps["spliced"][name]}
+    return held, ce_sums
+
+
+def heldout_intervals(final: dict, ce: dict, n_boot: int, seed: int) -> dict:
+    """95% intervals of every SAE's held-out NMSE, explained variance, L0 (``<metric>_ci95`` = [lo, hi]) and
+    CE added / recovered, from :meth:`MultiTrainer.evaluate` (with ``seq``) and :meth:`CEEvaluator.evaluate`
+    results: {"method": str, "per_sae": {name: {...}}, "per_sae_ce": {name: {...}}} (percentile bootstrap over
+    sequences, :mod:`pipeline.metrics`; seeded by ``seed``)."""
+    out = {"method": INTERVAL_METHOD.format(b=n_boot), "per_sae": {}, "per_sae_ce": {}}
+    names = [n for n in final if not n.startswith("_")]
+    w_held = M.bootstrap_weights(len(final["_per_seq"]["n"]), n_boot, seed) if "_per_seq" in final else None
+    w_ce = M.bootstrap_weights(ce["_n_seq"], n_boot, seed) if "_per_seq" in ce else None
+    for n in names:
+        held, ce_sums = _sums(final, ce, n)
+        if held is not None:
+            out["per_sae"][n] = {f"{k}_ci95": M.bootstrap_interval(f, held, w_held)[1] for k, f in HELDOUT_STATS.items()}
+        if ce_sums is not None:
+            out["per_sae_ce"][n] = {f"{k}_ci95": M.bootstrap_interval(f, ce_sums, w_ce)[1] for k, f in CE_STATS.items()}
+    return out
+
+
+PER_SEQ_FILE = "heldout_per_seq.npz"
+"""Per-SAE file of per-sequence held-out sums (bootstrap intervals can be recomputed from it)."""
+
+
+def save_per_seq(path: Path, final: dict, ce: dict, name: str) -> None:
+    """Write SAE ``name``'s per-sequence held-out sums (NMSE / L0: sse, l0, sumsq, sum, n; CE: ce_clean,
+    ce_zero, ce_n_pred, ce_spliced where measured) to ``path`` (.npz, float64; ``sum`` [n_seq, d_model] float32)."""
+    held, ce_sums = _sums(final, ce, name)
+    arrays = {k: (v.astype(np.float32) if k == "sum" else v) for k, v in (held or {}).items()}
+    arrays.update({f"ce_{k}": v for k, v in (ce_sums or {}).items()})
+    np.savez(path, **arrays)
+
+
+def load_per_seq(paths: dict[str, Path]) -> tuple[dict, dict]:
+    """The (final, ce) per-sequence structures :func:`paired_twins` reads, from :func:`save_per_seq` files of
+    SAEs {name: path} (all measured on the same sequences, as one run's are)."""
+    final: dict = {}
+    ce: dict = {}
+    for name, path in paths.items():
+        with np.load(path) as z:
+            a = {k: z[k].astype(np.float64) for k in z.files}
+        if "sse" in a:
+            final["_per_seq"] = {k: a[k] for k in ("sumsq", "sum", "n")}
+            final[name] = {"per_seq": {"sse": a["sse"], "l0": a["l0"]}}
+        if "ce_spliced" in a:
+            ce.setdefault("_per_seq", {"clean": a["ce_clean"], "zero": a["ce_zero"], "n_pred": a["ce_n_pred"],
+                                       "spliced": {}})["spliced"][name] = a["ce_spliced"]
+            ce["_n_seq"] = len(a["ce_spliced"])
+    return final, ce
+
+
+def twin_key(spec: Spec) -> str:
+    """What a plain SAE and its tokenized twin share: every setting but ``tokenized``, the lookup's own fields
+    (alpha, lookup_rows, lookup_lr_scale), the name and any init pairing."""
+    c = spec.cfg
+    d = asdict(dataclasses.replace(c, tokenized=False, name="").canonical())
+    d.pop("init_like", None)
+    return json.dumps({"cfg": d, "seed": spec.seed, "lr": spec.lr, "d_sae": spec.params.d_sae}, sort_keys=True)
+
+
+def paired_twins(specs: list[Spec], final: dict, ce: dict, n_boot: int, seed: int) -> list[dict]:
+    """Tokenized − plain differences of every twin pair (:func:`twin_key`) with paired 95% intervals
+    (:func:`paired_rows`)."""
+    plain = {twin_key(s): s.name for s in specs if not s.params.tokenized}
+    pairs = [(plain[twin_key(s)], s.name) for s in specs if s.params.tokenized and twin_key(s) in plain]
+    return paired_rows(pairs, final, ce, n_boot, seed)
+
+
+def paired_rows(pairs: list[tuple[str, str]], final: dict, ce: dict, n_boot: int, seed: int) -> list[dict]:
+    """For each (plain, tokenized) pair: [{"plain", "tokenized", "<metric>_diff" (tokenized − plain),
+    "<metric>_diff_ci95": [lo, hi]} …] for nmse, l0, ce_added and ce_recovered (where measured).
+
+    Both SAEs are measured on the same held-out sequences; the paired bootstrap resamples the sequences once
+    for both and takes the percentiles of the difference (:func:`pipeline.metrics.paired_interval`). final, ce:
+    per-sequence sums as :meth:`MultiTrainer.evaluate` / :meth:`CEEvaluator.evaluate` (or :func:`load_per_seq`)
+    give them.
+    """
+    w_held = M.bootstrap_weights(len(final["_per_seq"]["n"]), n_boot, seed) if "_per_seq" in final else None
+    w_ce = M.bootstrap_weights(ce["_n_seq"], n_boot, seed) if "_per_seq" in ce else None
+    out = []
+    for p, t in pairs:
+        row = {"plain": p, "tokenized": t}
+        (ha, ca), (hb, cb) = _sums(final, ce, p), _sums(final, ce, t)
+        stats = [("nmse", M.nmse_from_sums, ha, hb, w_held), ("l0", M.l0_from_sums, ha, hb, w_held),
+                 *[(k, f, ca, cb, w_ce) for k, f in CE_STATS.items()]]
+        for k, f, a, b, w in stats:
+            if a is not None and b is not None:
+                row[f"{k}_diff"], row[f"{k}_diff_ci95"] = M.paired_interval(f, a, b, w)
+        out.append(row)
+    return out
 
 
 class CEEvaluator:
@@ -316,13 +482,14 @@ class CEEvaluator:
     around them, so no export is needed.
     """
 
-    def __init__(self, cfg: Config, cache: Cache, hook: str, held_chunks: list[int], scale: float,
-                 device: torch.device):
+    def __init__(self, cfg: Config, cache: Cache, hook: str, rows, scale: float, device: torch.device):
+        """rows: held-out sequence rows in sampling order (:func:`pipeline.evaluation.heldout_rows`); the first
+        ``train.ce_eval_seqs`` of them are evaluated."""
         from pipeline.evaluation import cache_tokens, load_cache_model
 
         self.hook, self.scale = hook, scale
         self.exclude_bos = cfg.train.exclude_bos
-        self.tokens = cache_tokens(cache, held_chunks, cfg.train.ce_eval_seqs)
+        self.tokens = cache_tokens(cache, max_seq=cfg.train.ce_eval_seqs, rows=rows)
         self.lm = load_cache_model(cache, device)
         self.device = torch.device(device)
         self.autocast = resolve_autocast(cfg.train.ce_autocast, self.device)
@@ -336,7 +503,8 @@ class CEEvaluator:
         return self.last[1]
 
     def evaluate(self, trainer: MultiTrainer) -> dict:
-        """{name: {ce_spliced, ce_added, ce_recovered}, "_clean", "_zero", "_n_seq"} on the held-out tokens."""
+        """{name: {ce_spliced, ce_added, ce_recovered}, "_clean", "_zero", "_n_seq", "_per_seq"} on the held-out
+        tokens (``_per_seq``: :func:`pipeline.evaluation.ce_losses`' per-sequence sums)."""
         from pipeline.evaluation import ce_losses
 
         def recon(sae: SAE):
@@ -354,7 +522,8 @@ class CEEvaluator:
             res = ce_losses(self.lm, self.tokens, self.hook, {m.name: recon(m.sae) for m in trainer.members},
                             exclude_bos=self.exclude_bos, progress=False, baseline=self.baseline)
         self.baseline = res["baseline"]
-        return {**res["per_sae"], "_clean": res["ce_clean"], "_zero": res["ce_zero_ablated"], "_n_seq": res["n_seq"]}
+        return {**res["per_sae"], "_clean": res["ce_clean"], "_zero": res["ce_zero_ablated"], "_n_seq": res["n_seq"],
+                "_per_seq": res["per_seq"]}
 
 
 def run_identity(cfg: Config, cache: Cache, hook: str, names: list[str]) -> dict:
@@ -446,10 +615,13 @@ def run_distributed(cfg: Config) -> dict:
             cluster.close()
     results = {r["name"]: r for p in parts for r in p["results"]}
     out_dir = Path(t.out_dir)
+    specs = plan(cfg, cache, cache.check_hook(t.hook))
+    final, ce = load_per_seq({n: out_dir / n / PER_SEQ_FILE for n in names})
     summary = {"out_dir": str(out_dir), "hook": parts[0]["hook"], "cache": parts[0]["cache"],
                "seconds": max(p["seconds"] for p in parts),
                "tokens_per_s": min(p["tokens_per_s"] for p in parts), "groups": groups,
-               "results": [results[n] for n in names]}
+               "results": [results[n] for n in names], "interval_method": parts[0].get("interval_method"),
+               "paired": paired_twins(specs, final, ce, t.bootstrap_samples, t.seed)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     logs = {}
     for n in names:
@@ -461,7 +633,6 @@ def run_distributed(cfg: Config) -> dict:
 
 def _train_group(cfg: Config, names: list[str], index: int) -> dict:
     """Worker side of :func:`run_distributed`: pin a GPU when present, then train ``names``."""
-    import dataclasses
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
@@ -470,22 +641,45 @@ def _train_group(cfg: Config, names: list[str], index: int) -> dict:
     return run(cfg, only=names, progress=False)
 
 
-def format_table(results: list[dict], unigram_fraction: dict[str, float] | None = None) -> str:
-    """Fixed-width table of held-out NMSE / L0 / CE added per SAE (and the unigram-activated fraction if given)."""
-    head = (f"{'SAE':<30} {'arch':<10} {'tok':<4} {'d_sae':>6} {'k/λ':>6} {'NMSE':>8} {'expl.var':>8} {'L0':>7} "
-            f"{'dead':>6} {'CE added':>9}")
+def format_ci(v, ci, fmt: str) -> str:
+    """``v [lo, hi]`` in ``fmt``; just ``v`` without an interval, empty for None."""
+    if v is None:
+        return ""
+    return f"{v:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
+
+
+def format_table(results: list[dict], unigram_fraction: dict[str, float] | None = None,
+                 paired: list[dict] | None = None) -> str:
+    """Fixed-width table of held-out NMSE / L0 / CE added per SAE with their 95% intervals (and the
+    unigram-activated fraction if given); then, with ``paired``, each tokenized − plain twin difference with
+    its paired 95% interval."""
+    head = (f"{'SAE':<30} {'arch':<10} {'tok':<4} {'d_sae':>6} {'k/λ':>6} {'NMSE [95% CI]':>26} {'expl.var':>8} "
+            f"{'L0 [95% CI]':>23} {'dead':>6} {'CE added [95% CI]':>26}")
     if unigram_fraction is not None:
         head += f" {'unigram-latents':>15}"
     lines = ["held-out evaluation", head, "-" * len(head)]
+    windows = set()
     for r in results:
         kl = r.get("k") if r.get("k") is not None else r.get("sparsity_coeff")
         kl = "" if kl is None else f"{kl:g}"
-        ce = r.get("ce_added")
         line = (f"{r['name']:<30} {r['architecture'][:10]:<10} {'yes' if r['tokenized'] else 'no':<4} "
-                f"{r['d_sae']:>6} {kl:>6} {r['nmse']:>8.4f} {r['explained_variance']:>8.4f} {r['l0']:>7.2f} "
-                f"{r['dead_frac_heldout']:>6.1%} {'' if ce is None else f'{ce:9.4f}':>9}")
+                f"{r['d_sae']:>6} {kl:>6} {format_ci(r['nmse'], r.get('nmse_ci95'), '.4f'):>26} "
+                f"{r['explained_variance']:>8.4f} {format_ci(r['l0'], r.get('l0_ci95'), '.2f'):>23} "
+                f"{r['dead_frac_heldout']:>6.1%} {format_ci(r.get('ce_added'), r.get('ce_added_ci95'), '.4f'):>26}")
+        windows.add(r.get("dead_window_heldout", r.get("heldout_tokens")))
         if unigram_fraction is not None:
             frac = unigram_fraction.get(r["name"], math.nan)
             line += f" {frac:>15.1%}"
         lines.append(line)
+    if windows and None not in windows:
+        lines.append(f"dead: no firing in {', '.join(f'{w:,}' for w in sorted(windows))} held-out tokens. "
+                     "[95% CI]: percentile bootstrap over held-out sequences.")
+    if paired:
+        lines += ["", "tokenized − plain, paired 95% CI (same held-out sequences, paired bootstrap)"]
+        head = f"{'tokenized SAE':<30} {'ΔNMSE':>28} {'ΔL0':>26} {'ΔCE added':>28}"
+        lines += [head, "-" * len(head)]
+        for p in paired:
+            lines.append(f"{p['tokenized']:<30} {format_ci(p.get('nmse_diff'), p.get('nmse_diff_ci95'), '+.4f'):>28} "
+                         f"{format_ci(p.get('l0_diff'), p.get('l0_diff_ci95'), '+.2f'):>26} "
+                         f"{format_ci(p.get('ce_added_diff'), p.get('ce_added_diff_ci95'), '+.4f'):>28}")
     return "\n".join(lines)

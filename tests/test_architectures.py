@@ -70,10 +70,10 @@ def test_relu_l1_is_weighted_by_decoder_norms():
     out = sae(x)
     f = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)
     expected = 0.7 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean()
-    torch.testing.assert_close(out.terms["l1"], expected)
+    torch.testing.assert_close(out.terms["l1_penalty"], expected)
     torch.testing.assert_close(out.loss, out.mse + expected)
     sae.sparsity_scale = 0.25  # sparsity warm-up multiplies λ
-    torch.testing.assert_close(sae(x).terms["l1"], 0.25 * expected)
+    torch.testing.assert_close(sae(x).terms["l1_penalty"], 0.25 * expected)
     assert not ReLUSAE.unit_norm_decoder
 
 
@@ -243,9 +243,9 @@ def test_jumprelu_forward_and_straight_through_gradients():
     x[:, 1] = 3.0  # latent 1: far above θ, outside the kernel
     out = sae(x)
     assert float(out.latents[0, 0]) == pytest.approx(1.1) and float(out.latents[1, 0]) == 0
-    torch.testing.assert_close(out.terms["l0"], torch.tensor(2.0 * (1 + 2) / 2))  # λ · mean L0 (L0 = 2, 1)
+    torch.testing.assert_close(out.terms["l0_penalty"], torch.tensor(2.0 * (1 + 2) / 2))  # λ · mean L0 (L0 = 2, 1)
     sae.zero_grad()
-    out.terms["l0"].backward()
+    out.terms["l0_penalty"].backward()
     # ∂/∂θ_0 of λ·mean_b H(z - θ) = λ · mean_b (-(1/ε) K((z-θ)/ε)); both tokens are inside the kernel
     g_theta0 = 2.0 * (-(1 / eps) * 2) / 2
     # log-parametrised: ∂/∂logθ = θ · ∂/∂θ (θ = 1)
@@ -259,7 +259,7 @@ def test_jumprelu_forward_and_straight_through_gradients():
 
 
 @pytest.mark.parametrize("tokenized", [False, True])
-def test_matryoshka_loss_is_mean_of_prefix_reconstructions(tokenized):
+def test_matryoshka_loss_is_sum_of_prefix_reconstructions(tokenized):
     sae = make("matryoshka_batchtopk", tokenized=tokenized, k=4, prefixes=[3, 6, 12], aux_coeff=0)
     randomise(sae)
     if tokenized:
@@ -271,14 +271,15 @@ def test_matryoshka_loss_is_mean_of_prefix_reconstructions(tokenized):
     out = sae(x, tokens)
     params = [p for p in (sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec, sae.W_lookup) if p is not None]
     got = torch.autograd.grad(out.loss, params)
-    # the dense formula on the same kept entries: mean over prefixes m of ||f[:m] W_dec[:m] + b_dec + lookup - x||²
+    # the dense formula on the same kept entries: sum over prefixes m of ||f[:m] W_dec[:m] + b_dec + lookup - x||²
+    # (Bussmann et al. 2025 sum them; a mean would divide by 3)
     kept = out.latents.detach() != 0
     f = (sae.pre_acts(x) * kept).relu()
     lookup = sae.W_lookup[sae.lookup_index[tokens]] if tokenized else 0.0
     losses = []
     for m in (3, 6, 12):
         losses.append(((f[:, :m] @ sae.W_dec[:m] + sae.b_dec + lookup - x) ** 2).sum(-1).mean())
-    want = torch.stack(losses).mean()
+    want = torch.stack(losses).sum()
     torch.testing.assert_close(out.loss, want)
     for a, b in zip(got, torch.autograd.grad(want, params)):
         torch.testing.assert_close(a.to_dense(), b)  # the lookup's gradient is sparse

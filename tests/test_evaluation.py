@@ -6,11 +6,12 @@ import dataclasses
 import math
 import socket
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
 
-from pipeline.evaluation import cache_tokens, ce_losses, load_cache_model, sae_reconstructor
+from pipeline.evaluation import cache_tokens, ce_losses, heldout_rows, load_cache_model, load_rows, sae_reconstructor
 from pipeline.models import ModelLoadError, run_hooks
 from pipeline.reader import split_chunks
 
@@ -82,6 +83,45 @@ def test_identity_reconstruction_adds_nothing(ev):
     assert abs(s["ce_added"]) < 1e-5 and abs(s["ce_spliced"] - r["ce_clean"]) < 1e-5
     assert s["ce_recovered"] == pytest.approx(1.0, abs=1e-5)
     assert r["n_seq"] == N_SEQ and r["n_predictions"] == N_SEQ * (ev["cache"].context_size - 1)
+
+
+def test_per_sequence_sums_add_up_to_the_means(ev):
+    """The per-sequence CE sums behind the bootstrap intervals are each sequence's own summed CE."""
+    r, tokens, lm, hook = ev["res"], ev["tokens"], ev["lm"], ev["hook"]
+    ps = r["per_seq"]
+    assert len(ps["clean"]) == N_SEQ and ps["n_pred"].sum() == r["n_predictions"]
+    assert ps["clean"].sum() / r["n_predictions"] == pytest.approx(r["ce_clean"], rel=1e-9)
+    for name, s in r["per_sae"].items():
+        assert ps["spliced"][name].sum() / r["n_predictions"] == pytest.approx(s["ce_spliced"], rel=1e-9)
+    with torch.no_grad():  # sequence 1 alone
+        logits = lm.bridge(tokens[1:2])
+    one = F.cross_entropy(logits[0, :-1].double(), tokens[1, 1:], reduction="sum")
+    assert ps["clean"][1] == pytest.approx(float(one), rel=1e-5)
+
+
+def test_evaluation_sequences_are_sampled_across_held_out_chunks(ev):
+    """Held-out rows come in a seeded random order over *every* held-out chunk (not the first chunks in cache
+    order), and load_rows / cache_tokens return exactly those rows."""
+    cache, hook = ev["cache"], ev["hook"]
+    _, held = split_chunks(cache, 0.2, seed=0)
+    assert len(held) >= 3
+    rows = heldout_rows(cache, held, seed=0)
+    held_rows = np.concatenate([np.arange(c * cache.seq_chunk, min((c + 1) * cache.seq_chunk, cache.n_seq))
+                                for c in held])
+    assert sorted(rows.tolist()) == sorted(held_rows.tolist())  # every held-out row, once
+    first = rows[: cache.seq_chunk]  # one chunk's worth of sequences: cache order would give a single chunk
+    assert len(np.unique(first // cache.seq_chunk)) > 1
+    assert not np.array_equal(rows, heldout_rows(cache, held, seed=1)) and np.array_equal(
+        rows, heldout_rows(cache, held, seed=0))
+    x, t, seq = load_rows(cache, hook, first[:5], exclude_bos=True)
+    ctx = cache.context_size
+    assert x.dtype == torch.float32 and len(x) == 5 * (ctx - 1) and seq.tolist() == sum([[i] * (ctx - 1)
+                                                                                         for i in range(5)], [])
+    for i, r in enumerate(first[:5]):
+        torch.testing.assert_close(x[i * (ctx - 1):(i + 1) * (ctx - 1)], cache.acts_torch(hook, r, r + 1)[0, 1:])
+        assert t[i * (ctx - 1):(i + 1) * (ctx - 1)].tolist() == cache.tokens(r, r + 1)[0, 1:].tolist()
+    assert cache_tokens(cache, max_seq=3, rows=first).tolist() == [cache.tokens(r, r + 1)[0].tolist()
+                                                                   for r in first[:3]]
 
 
 def test_zero_reconstruction_equals_zero_ablation(ev):

@@ -170,6 +170,16 @@ def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
         assert 0 <= r["dense_frac_heldout"] <= 1
         log = [json.loads(x) for x in open(tmp_path / "saes" / r["name"] / "metrics.jsonl")]
         assert any("heldout_ce_added" in row for row in log)
+        for k in ("nmse", "l0", "ce_added", "ce_recovered"):  # every headline number carries its 95% interval
+            lo, hi = r[f"{k}_ci95"]
+            assert lo <= hi and lo - 0.05 * abs(r[k]) <= r[k] <= hi + 0.05 * abs(r[k])
+        assert r["ce_eval_seqs"] == 4 and "bootstrap" in r["interval_method"]
+    # plain/tokenized twins (same settings but the lookup) get paired intervals; other SAEs are not paired
+    (pair,) = summary["paired"]
+    assert (pair["plain"], pair["tokenized"]) == ("topk", "topk-tok")
+    res = {r["name"]: r for r in summary["results"]}
+    assert pair["nmse_diff"] == pytest.approx(res["topk-tok"]["nmse"] - res["topk"]["nmse"], rel=1e-6)
+    assert pair["nmse_diff_ci95"][0] <= pair["nmse_diff_ci95"][1] and len(pair["ce_added_diff_ci95"]) == 2
 
 
 @pytest.mark.parametrize("fused", [True, False])  # torch's fused Adam kernel directly, or torch.optim.adam.adam

@@ -457,6 +457,10 @@ class SAE(nn.Module):
     architecture: ClassVar[str] = ""
     unit_norm_decoder: ClassVar[bool] = True
     default_sparsity_coeff: ClassVar[float] = 0.0
+    default_grad_clip: ClassVar[float] = 0.0
+    """Gradient-norm clip this architecture trains with when neither the SAE nor ``train.grad_clip`` sets one."""
+    default_sparsity_warmup_frac: ClassVar[float] = 0.0
+    """Fraction of the run over which λ ramps up when neither the SAE nor ``train.sparsity_warmup_steps`` sets it."""
     sparse_pre: ClassVar[bool] = False
     """True where :meth:`activate` and :meth:`aux_terms` read pre-activations only through :func:`gather_pre`
     (TopK family): training then differentiates pre sparsely."""

@@ -46,6 +46,8 @@ class GatedSAE(SAE):
     architecture = "gated"
     unit_norm_decoder = False
     default_sparsity_coeff = 5.0
+    default_grad_clip = 1.0  # April 2024 update: clip the gradient norm to 1 ...
+    default_sparsity_warmup_frac = 0.05  # ... and ramp λ up linearly over the first 5% of steps
 
     def __init__(self, params):
         super().__init__(params)
@@ -71,4 +73,4 @@ class GatedSAE(SAE):
         l1 = weighted_l1(gate, norms)
         lk = lookup.detach() if isinstance(lookup, Tensor) else lookup
         x_frozen = gate @ self.W_dec.detach() + self.b_dec.detach() + lk
-        return {"l1": self.sparsity_scale * self.sparsity_coeff * l1, "gate_aux": sq_err(x, x_frozen)}
+        return {"l1_penalty": self.sparsity_scale * self.sparsity_coeff * l1, "gate_aux": sq_err(x, x_frozen)}

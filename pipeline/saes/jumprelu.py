@@ -115,8 +115,15 @@ class _WindowL0(torch.autograd.Function):
 class JumpReLUSAE(SAE):
     """f = JumpReLU_θ(ReLU(π)), π = (x - b_dec) · W_enc + b_enc, θ = exp(log_threshold) per latent.
 
-    Loss: ||x - x̂||² + λ · Σ_i H(π_i - θ_i) (L0, mean over the batch), with straight-through estimators
-    of bandwidth ε = ``params.bandwidth`` giving θ its gradient. Unit-norm decoder rows.
+    Loss: ||x - x̂||² + λ · Σ_i H(π_i - θ_i) (L0, mean over the batch; logged as the term ``l0_penalty``,
+    the measured L0 is the trainer's ``l0``), with straight-through estimators of bandwidth
+    ε = ``params.bandwidth`` giving θ its gradient. Unit-norm decoder rows.
+
+    ``params.bandwidth`` and ``params.init_threshold`` are in the units of the inputs the SAE is trained on
+    (E‖x‖² = d_model, pipeline/training.py). The config gives them at unit scale (E‖x‖² = 1, where the
+    paper's ε = θ₀ = 0.001 were set) and stages/train.py multiplies them by √d_model: pre-activations scale
+    linearly with the input, so an SAE at scale √d_model with ε·√d_model and θ₀·√d_model is the paper's
+    SAE at unit scale with every pre-activation (hence every kernel window and threshold) rescaled.
     """
 
     architecture = "jumprelu"
@@ -144,4 +151,4 @@ class JumpReLUSAE(SAE):
             l0 = _WindowL0.apply(self.threshold, latents.grad_fn, latents.shape[0])
         else:
             l0 = StepFn.apply(pre.relu().float(), self.threshold, self.params.bandwidth).sum(-1).mean()
-        return {"l0": self.sparsity_scale * self.sparsity_coeff * l0}
+        return {"l0_penalty": self.sparsity_scale * self.sparsity_coeff * l0}

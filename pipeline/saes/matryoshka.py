@@ -16,8 +16,10 @@ def default_prefixes(d_sae: int) -> list[int]:
 
 
 class MatryoshkaBatchTopKSAE(BatchTopKSAE):
-    """BatchTopK latents; the loss is the mean over prefixes m of ||x - (f[:m] · W_dec[:m] + b_dec + lookup)||²,
-    so the first m latents form a usable SAE by themselves (plus AuxK). Inference as BatchTopK.
+    """BatchTopK latents; the loss is the sum over prefixes m of ||x - (f[:m] · W_dec[:m] + b_dec + lookup)||²,
+    so the first m latents form a usable SAE by themselves, plus AuxK (Bussmann et al. 2025, Sec. 3: the
+    prefix losses are summed, so AuxK's weight relative to each prefix's MSE is the TopK SAE's). Inference
+    as BatchTopK.
     """
 
     architecture = "matryoshka_batchtopk"
@@ -63,6 +65,5 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         return terms
 
     def total_loss(self, mse: Tensor, terms: dict[str, Tensor]) -> Tensor:
-        """(Σ over prefixes of their MSE, the full dictionary's included) / number of prefixes + AuxK."""
-        rest = sum(v for k, v in terms.items() if k != "prefix_mse")
-        return (mse + terms.get("prefix_mse", 0.0)) / len(self.prefixes) + rest
+        """Σ over prefixes of their MSE (the full dictionary's included) + AuxK (Bussmann et al. 2025)."""
+        return mse + sum(terms.values()) if terms else mse

@@ -19,6 +19,8 @@ class ReLUSAE(SAE):
     architecture = "relu"
     unit_norm_decoder = False
     default_sparsity_coeff = 5.0
+    default_grad_clip = 1.0  # April 2024 update: clip the gradient norm to 1 ...
+    default_sparsity_warmup_frac = 0.05  # ... and ramp λ up linearly over the first 5% of steps
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -33,4 +35,4 @@ class ReLUSAE(SAE):
         if not self.training:
             return {}
         l1 = weighted_l1(latents, self.W_dec.norm(dim=1))
-        return {"l1": self.sparsity_scale * self.sparsity_coeff * l1}
+        return {"l1_penalty": self.sparsity_scale * self.sparsity_coeff * l1}
