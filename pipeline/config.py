@@ -236,15 +236,23 @@ class TrainConfig:
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Adam (β1, β2) of the SAE parameters and the lookup."""
     warmup_steps: int = 10
-    """Linear lr warm-up steps before cosine decay."""
+    """Linear lr warm-up steps before the schedule."""
+    lr_schedule: str = "wsd"
+    """"wsd" (constant, then a linear decay over the last ``lr_decay_frac`` of the steps), "cosine" or
+    "constant" (formulas: pipeline.training.lr_lambda). Chosen by a sweep on the demo cache (docs/quality.md):
+    cosine-to-0 over a short run left plain TopK's held-out NMSE far above a constant or late-decay lr."""
+    lr_decay_frac: float = 0.2
+    """"wsd": fraction of the steps, at the end, over which the lr decays linearly to ``lr_final_frac``."""
     lr_final_frac: float = 0.0
-    """The cosine decays the lr to this fraction of its peak at the last step."""
+    """The decay ("wsd", "cosine") ends at this fraction of the peak lr at the last step."""
     sparsity_warmup_steps: int = 0
     """The L1 / L0 coefficient ramps linearly from 0 to its value over this many steps (0 = off)."""
-    b_dec_init: str = "mean"
-    """b_dec initialisation: "mean" or "geometric_median" of a sample (minus the lookup when tokenized)."""
-    grad_clip: float = 0.0
-    """Max global norm of the dense gradients (0 = off)."""
+    b_dec_init: str = "geometric_median"
+    """b_dec initialisation: "mean" or "geometric_median" of a sample (minus the lookup when tokenized);
+    the geometric median as dictionary_learning's TopK trainer and Bricken et al. 2023 (docs/quality.md)."""
+    grad_clip: float = 1.0
+    """Max global norm of the dense gradients (0 = off); 1.0 as dictionary_learning's TopK trainer and the
+    April 2024 Anthropic update (docs/quality.md)."""
     autocast: str = "auto"
     """Mixed precision of the forward/backward (master weights stay float32): "none", "bf16", "fp16",
     or "auto" = bf16 on CUDA (and on CPUs with native bf16 matmuls), else none."""
@@ -298,6 +306,10 @@ class TrainConfig:
         for key in ("autocast", "ce_autocast"):
             if getattr(self, key) not in AUTOCAST_CHOICES:
                 raise ConfigError(f"train.{key}={getattr(self, key)!r}: use auto, none, bf16 or fp16")
+        if self.lr_schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"train.lr_schedule={self.lr_schedule!r}: use \"wsd\", \"cosine\" or \"constant\"")
+        if not 0 < self.lr_decay_frac <= 1:
+            raise ConfigError(f"train.lr_decay_frac={self.lr_decay_frac} must be in (0, 1]")
         if not 0 <= self.lr_final_frac <= 1:
             raise ConfigError(f"train.lr_final_frac={self.lr_final_frac} must be in [0, 1]")
         for key in ("warmup_steps", "sparsity_warmup_steps", "checkpoint_every", "ce_eval_seqs", "ce_every",

@@ -1,7 +1,8 @@
 """One training loop for many SAEs that share every batch; checkpoints that resume exactly.
 
-Each SAE has its own Adam optimiser with a linear warm-up followed by cosine decay (to
-``lr_final_frac`` of the peak), an optional linear warm-up of its sparsity coefficient, optional
+Each SAE has its own Adam optimiser with a linear warm-up followed by a schedule (:func:`lr_lambda`: cosine
+decay, or warmup-stable-decay with a linear decay over the last ``lr_decay_frac`` of the steps, to
+``lr_final_frac`` of the peak; or constant), an optional linear warm-up of its sparsity coefficient, optional
 gradient clipping, and — where its architecture calls for it — unit-norm decoder rows with the
 parallel gradient component removed (Gao et al. 2024; Bricken et al. 2023). Architectures plug in
 through :class:`pipeline.saes.SAE` (``loss``, ``before_optimizer_step``, ``after_optimizer_step``).
@@ -45,11 +46,38 @@ def input_scale(x: Tensor) -> float:
     return float(math.sqrt(x.shape[-1] / x.float().pow(2).sum(-1).mean().clamp_min(1e-12)))
 
 
-def lr_lambda(warmup: int, total: int, final_frac: float = 0.0):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to ``final_frac`` of the peak at ``total``."""
+LR_SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def lr_lambda(warmup: int, total: int, final_frac: float = 0.0, schedule: str = "cosine",
+              decay_frac: float = 0.2):
+    """The lr multiplier f(step) of a schedule (``torch.optim.lr_scheduler.LambdaLR``; step 0 is the first update).
+
+    Every schedule starts with a linear warm-up w(step) = min(1, (step + 1) / warmup) and returns w · d(s),
+    s = min(step, total):
+
+    - ``"cosine"``: d = r + (1 - r) · ½(1 + cos(π s / total)), r = ``final_frac`` (Loshchilov & Hutter 2017).
+    - ``"wsd"`` (warmup-stable-decay, Hu et al. 2024 "MiniCPM", arXiv 2404.06395 Sec. 4): d = 1 until the last
+      D = max(1, round(``decay_frac`` · total)) steps, then linear to r: d = r + (1 - r) · (total - s) / D for
+      s ≥ total - D. With ``decay_frac`` 0.2 this is dictionary_learning's ``decay_start = 0.8 · steps``.
+    - ``"constant"``: d = 1.
+
+    Raises ValueError on an unknown schedule or a ``decay_frac`` outside (0, 1].
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule {schedule!r}: use one of {', '.join(LR_SCHEDULES)}")
+    if not 0 < decay_frac <= 1:
+        raise ValueError(f"lr decay_frac={decay_frac} must be in (0, 1]")
+    decay = max(1, round(decay_frac * total))
+
     def f(step: int) -> float:
         w = min(1.0, (step + 1) / max(1, warmup))
-        cos = 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(1, total)))
+        s = min(step, total)
+        if schedule == "constant":
+            return w
+        if schedule == "wsd":
+            return w * (1.0 if s < total - decay else final_frac + (1.0 - final_frac) * (total - s) / decay)
+        cos = 0.5 * (1.0 + math.cos(math.pi * s / max(1, total)))
         return w * (final_frac + (1.0 - final_frac) * cos)
     return f
 
@@ -105,6 +133,9 @@ class TrainOptions:
     total_steps: int
     warmup_steps: int = 10
     lr_final_frac: float = 0.0
+    lr_schedule: str = "cosine"
+    """See :func:`lr_lambda`; the run's default comes from ``train.lr_schedule``."""
+    lr_decay_frac: float = 0.2
     betas: tuple[float, float] = (0.9, 0.999)
     sparsity_warmup_steps: int = 0
     grad_clip: float = 0.0
@@ -256,7 +287,7 @@ class MultiTrainer:
         self.opts = opts
         self.members: list[Member] = []
         self.step_count, self.tokens_seen = 0, 0
-        sched = lr_lambda(opts.warmup_steps, opts.total_steps, opts.lr_final_frac)
+        sched = lr_lambda(opts.warmup_steps, opts.total_steps, opts.lr_final_frac, opts.lr_schedule, opts.lr_decay_frac)
         if any(p.device.type == "cpu" for sae, *_ in saes.values() for p in sae.parameters()):
             keep_freed_memory()
         for name, (sae, lr, lookup_lr, *more) in saes.items():

@@ -268,6 +268,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         sae.init_from_data(x0, tok0, unigram, s.cfg.alpha, token_counts=counts, b_dec_init=t.b_dec_init)
         members[s.name] = (sae, s.lr, s.lr * s.cfg.lookup_lr_scale, s.options(t, total_steps))
     opts = TrainOptions(total_steps=total_steps, warmup_steps=t.warmup_steps, lr_final_frac=t.lr_final_frac,
+                        lr_schedule=t.lr_schedule, lr_decay_frac=t.lr_decay_frac,
                         betas=(t.adam_betas[0], t.adam_betas[1]), sparsity_warmup_steps=t.sparsity_warmup_steps,
                         grad_clip=t.grad_clip, autocast=resolve_autocast(t.autocast, dev), compile=t.compile)
     trainer = MultiTrainer(members, opts)
