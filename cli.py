@@ -145,14 +145,25 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
 @set_option
 @click.option("--scheduler", default="", metavar="ADDRESS",
               help="Run the token-level statistics on this dask.distributed scheduler (default: local).")
+@click.option("--allow-other-cache", is_flag=True,
+              help="Analyze SAEs whose recorded model or cache fingerprint differ from the cache's.")
 @_guard
-def analyze(config: str, overrides: tuple[str, ...], scheduler: str) -> None:
+def analyze(config: str, overrides: tuple[str, ...], scheduler: str, allow_other_cache: bool) -> None:
     """Every analysis of the papers over the cache and the trained SAEs → report.md / report.html."""
     from stages import analyze as stage
 
     cfg = _load(config, overrides)
-    s = stage.run(cfg, scheduler=scheduler or None)
+    s = stage.run(cfg, scheduler=scheduler or None, allow_other_cache=allow_other_cache)
     click.echo(f"analysis: {s['out_dir']} (report: {s['report']}, {s['report_html']})")
+    _fail_if_skipped(s)
+
+
+def _fail_if_skipped(s: dict) -> None:
+    """Exit with status 2 (after the others were processed) when an SAE could not be loaded."""
+    if s.get("skipped"):
+        click.echo(f"error: {len(s['skipped'])} SAE(s) could not be loaded and were left out: "
+                   + "; ".join(f"{n}: {why}" for n, why in s["skipped"].items()), err=True)
+        sys.exit(2)
 
 
 @main.command()
@@ -185,6 +196,7 @@ def run(config: str, overrides: tuple[str, ...]) -> None:
     click.echo("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     click.echo("")
     click.echo(train.format_table(tr["results"], an.get("unigram_fraction")))
+    _fail_if_skipped(an)
 
 
 @main.command()

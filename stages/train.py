@@ -146,6 +146,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         return run_distributed(cfg)
     cache = Cache.open(resolve_cache(cfg))
     hook = cache.check_hook(t.hook)
+    cache.check_chunks(hook)  # a missing chunk would read as zeros
     specs = plan(cfg, cache, hook)
     if only is not None:
         specs = [s for s in specs if s.name in only]
