@@ -271,7 +271,7 @@ def cache_verify(path: str, samples: int, seed: int, device: str, no_recompute: 
         return
     for p in rep.problems:
         click.echo(f"BAD {p}")
-    click.echo(f"{len(rep.problems)} problem(s) in {len(rep.bad_chunks)} chunk(s): {sorted(rep.bad_chunks)}")
+    click.echo(f"{len(rep.problems)} problem(s); {len(rep.bad_chunks)} bad chunk(s): {sorted(rep.bad_chunks)}")
     sys.exit(1)
 
 

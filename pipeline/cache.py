@@ -510,6 +510,13 @@ class CacheWriter:
                 rows = self.group[name][first:stop]
             sums.setdefault(name, {})[str(c)] = chunk_checksum(rows)
 
+    def add_checksums(self, chunk: int, sums: dict[str, str]) -> None:
+        """Record {array name: checksum} of chunk ``chunk`` written by someone else (a distributed worker);
+        stored with the next commit."""
+        with self._lock:
+            for name, value in sums.items():
+                self.meta.setdefault("checksums", {}).setdefault(name, {})[str(chunk)] = value
+
     def _wait(self) -> None:
         if self._inflight is not None:
             self._inflight.result()

@@ -85,7 +85,8 @@ def _harvest_distributed(client, writer: CacheWriter, path: str, model: dict, ho
 
 def _collect(finished, done: dict, writer: CacheWriter, bar) -> None:
     for f in finished:
-        a, b = f.result()  # re-raises a worker's error (e.g. float16 overflow)
+        a, b, sums = f.result()  # re-raises a worker's error (e.g. float16 overflow)
+        writer.add_checksums(a // writer.seq_chunk, sums)
         done[a] = b
         bar.update(b - a)
     stop = writer.n_seq
