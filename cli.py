@@ -23,8 +23,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.corpus import DatasetLoadError
     from pipeline.export import ExportError
     from pipeline.models import ModelLoadError
+    from stages.train import TrainingDiverged
 
-    return (CacheError, ConfigError, DatasetLoadError, ModelLoadError, ExportError, FileNotFoundError)
+    return (CacheError, ConfigError, DatasetLoadError, ModelLoadError, ExportError, TrainingDiverged, OSError)
+
+
+DEBUG = {"on": os.environ.get("TSAE_DEBUG", "") not in ("", "0")}
+"""``--debug`` (or TSAE_DEBUG=1): let errors raise with their traceback instead of the one-line message."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one line: its message with line breaks joined by "; " (an OSError: what failed, on which
+    file)."""
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.strerror:
+        text = f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+        if e.errno == 28:
+            text += " (free space, then rerun the same command: finished work is kept)"
+        elif e.errno in (13, 30):
+            text += " (no write access: choose another output folder)"
+    else:
+        text = str(e) or type(e).__name__
+    return "; ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 def _interrupted() -> type[BaseException]:
@@ -56,17 +75,26 @@ def _quiet_libraries() -> None:
 
 
 def _guard(fn):
-    """Run a stage; our own errors print their message and exit with status 2."""
+    """Run a command: an error the user can cause (a bad config, cache, file, a full disk) prints one line
+    ``error: ...`` and exits with status 2; any other exception prints one line naming its type and exits with
+    status 1. With ``--debug`` errors raise with their traceback."""
     def wrapper(*args, **kwargs):
         _quiet_libraries()
         try:
             return fn(*args, **kwargs)
-        except _user_errors() as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
         except _interrupted() as e:
             click.echo(f"stopped: {e}", err=True)
             sys.exit(130)
+        except _user_errors() as e:
+            if DEBUG["on"]:
+                raise
+            click.echo(f"error: {one_line(e)}", err=True)
+            sys.exit(2)
+        except Exception as e:  # a bug or an unforeseen input: still one line; --debug shows where
+            if DEBUG["on"]:
+                raise
+            click.echo(f"error: {type(e).__name__}: {one_line(e)} (rerun with --debug for the traceback)", err=True)
+            sys.exit(1)
     wrapper.__name__ = fn.__name__
     wrapper.__doc__ = fn.__doc__
     return wrapper
@@ -78,8 +106,10 @@ config_arg = click.argument("config", type=click.Path(dir_okay=False))
 
 
 @click.group()
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error instead of one line.")
+def main(debug: bool) -> None:
     """tsae: sparse autoencoders (plain and tokenized) on language-model activations."""
+    DEBUG["on"] = debug or os.environ.get("TSAE_DEBUG", "") not in ("", "0")
 
 
 @main.command()
@@ -115,14 +145,25 @@ def train(config: str, overrides: tuple[str, ...]) -> None:
 @set_option
 @click.option("--scheduler", default="", metavar="ADDRESS",
               help="Run the token-level statistics on this dask.distributed scheduler (default: local).")
+@click.option("--allow-other-cache", is_flag=True,
+              help="Analyze SAEs whose recorded model or cache fingerprint differ from the cache's.")
 @_guard
-def analyze(config: str, overrides: tuple[str, ...], scheduler: str) -> None:
+def analyze(config: str, overrides: tuple[str, ...], scheduler: str, allow_other_cache: bool) -> None:
     """Every analysis of the papers over the cache and the trained SAEs → report.md / report.html."""
     from stages import analyze as stage
 
     cfg = _load(config, overrides)
-    s = stage.run(cfg, scheduler=scheduler or None)
+    s = stage.run(cfg, scheduler=scheduler or None, allow_other_cache=allow_other_cache)
     click.echo(f"analysis: {s['out_dir']} (report: {s['report']}, {s['report_html']})")
+    _fail_if_skipped(s)
+
+
+def _fail_if_skipped(s: dict) -> None:
+    """Exit with status 2 (after the others were processed) when an SAE could not be loaded."""
+    if s.get("skipped"):
+        click.echo(f"error: {len(s['skipped'])} SAE(s) could not be loaded and were left out: "
+                   + "; ".join(f"{n}: {why}" for n, why in s["skipped"].items()), err=True)
+        sys.exit(2)
 
 
 @main.command()
@@ -155,6 +196,7 @@ def run(config: str, overrides: tuple[str, ...]) -> None:
     click.echo("wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in times.items()))
     click.echo("")
     click.echo(train.format_table(tr["results"], an.get("unigram_fraction"), tr.get("paired")))
+    _fail_if_skipped(an)
 
 
 @main.command()
@@ -213,39 +255,44 @@ def cache_info(path: str) -> None:
 @click.option("--samples", default=8, show_default=True, help="Sequences recomputed with the model.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--device", default="auto", show_default=True)
-@click.option("--no-recompute", is_flag=True, help="Only scan for NaN/inf and bad tokens (no model).")
+@click.option("--no-recompute", is_flag=True, help="Only the full scan (no model).")
 @_guard
 def cache_verify(path: str, samples: int, seed: int, device: str, no_recompute: bool) -> None:
-    """Scan PATH for NaN/inf and bad tokens, recompute a sample with the model; exit 1 naming bad chunks."""
+    """Scan all of PATH (metadata vs arrays, missing or undecodable chunks, checksums, NaN/inf, bad tokens), then
+    recompute a sample with the model; exit 1 naming every problem."""
     from pipeline.verify import verify_cache
 
     rep = verify_cache(path, samples, seed=seed, device=device, recompute=not no_recompute)
+    for note in rep.notes:
+        click.echo(f"note: {note}")
     if rep.ok:
-        click.echo(f"ok: {path} (recomputed rows {rep.rows_recomputed}, max error {rep.max_rel_err:.3g} x row RMS)")
+        click.echo(f"ok: {path} (every chunk present and decoded, {rep.checksums_checked} checksum(s) matched; "
+                   f"recomputed rows {rep.rows_recomputed}, max error {rep.max_rel_err:.3g} x row RMS)")
         return
     for p in rep.problems:
         click.echo(f"BAD {p}")
-    click.echo(f"{len(rep.bad_chunks)} bad chunk(s): {sorted(rep.bad_chunks)}")
+    click.echo(f"{len(rep.problems)} problem(s); {len(rep.bad_chunks)} bad chunk(s): {sorted(rep.bad_chunks)}")
     sys.exit(1)
 
 
 @cache.command("rm")
 @click.argument("path")
-@click.option("--force", is_flag=True, help="Remove even while a writer holds the lock.")
+@click.option("--force", is_flag=True,
+              help="Remove even while a writer holds the lock, or when PATH also holds other files (those are kept).")
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @_guard
-def cache_rm(path: str, force: bool) -> None:
-    """Delete the cache at PATH (refused while a harvest is writing it)."""
-    import fsspec
+def cache_rm(path: str, force: bool, dry_run: bool) -> None:
+    """Delete the cache at PATH: only its own files (Zarr arrays, metadata, writer lock). Refused while a harvest
+    is writing it or when PATH holds anything else."""
+    from pipeline.cache import remove_cache
 
-    from pipeline.cache import Cache, CacheError, is_locked
-
-    Cache.open(path)  # refuse to delete something that is not a tsae cache
-    lock = is_locked(path)
-    if lock and not force:
-        raise CacheError(f"{path} is being written by pid {lock['pid']} on {lock['host']}; use --force to remove")
-    fs, p = fsspec.core.url_to_fs(path)
-    fs.rm(p, recursive=True)
-    click.echo(f"removed {path}")
+    files = remove_cache(path, force=force, dry_run=dry_run)
+    if dry_run:
+        for f in files:
+            click.echo(f"would remove {f}")
+        click.echo(f"would remove {len(files)} file(s) of the cache {path}")
+        return
+    click.echo(f"removed {path} ({len(files)} file(s))")
 
 
 if __name__ == "__main__":

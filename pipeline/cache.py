@@ -26,6 +26,7 @@ import os
 import socket
 import threading
 import time
+import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,6 +105,114 @@ def tokens_codec() -> BloscCodec:
     """Compression for the ``tokens`` array: Blosc zstd level 1 with byte shuffle (int32 ids: ~3x; 4 bytes a
     token, so its read speed does not matter next to the activations)."""
     return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
+
+
+def chunk_checksum(rows: np.ndarray) -> str:
+    """Checksum of one chunk's rows as stored (the decoded array, e.g. ``acts/<hook>[a:b]`` in its storage dtype):
+    ``"crc32:<8 hex digits>"`` of its C-order bytes. The harvest records one per array and chunk in the
+    ``tsae`` attribute (``checksums``: {array name: {chunk index: checksum}}); ``cache verify`` recomputes them,
+    so bytes flipped on disk are found even when the chunk still decodes."""
+    return f"crc32:{zlib.crc32(np.ascontiguousarray(rows).view(np.uint8).reshape(-1)) & 0xFFFFFFFF:08x}"
+
+
+CACHE_ENTRIES = ("zarr.json", "tokens", "acts", "unigram")
+"""Top-level entries of a cache folder besides the writer lock (and its temporary files)."""
+
+
+def _is_cache_file(rel: str) -> bool:
+    """Whether ``rel`` (a file path relative to a cache root) is part of a cache: a Zarr node's ``zarr.json``, a
+    chunk (``<array>/c/...``) under tokens/acts/unigram, the root ``zarr.json`` or the writer lock."""
+    parts = rel.split("/")
+    if len(parts) == 1:
+        return parts[0] == "zarr.json" or parts[0] == LOCK_KEY or (
+            parts[0].startswith(LOCK_KEY + ".") and parts[0].endswith(".tmp"))
+    return parts[0] in CACHE_ENTRIES[1:] and (parts[-1] == "zarr.json" or "c" in parts[1:-1])
+
+
+def cache_files(path: str) -> tuple[list[str], list[str]]:
+    """(files of the cache, other files) under ``path`` (a folder or fsspec URL), as absolute store paths.
+
+    Raises CacheError if ``path`` does not exist.
+    """
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        raise CacheError(f"{path} does not exist")
+    own, other = [], []
+    for f in sorted(fs.find(root, withdirs=False)):
+        rel = f[len(root):].lstrip("/")
+        (own if _is_cache_file(rel) else other).append(f)
+    return own, other
+
+
+def remove_cache(path: str, force: bool = False, dry_run: bool = False) -> list[str]:
+    """Delete the cache at ``path``: only its files (Zarr nodes and chunks, the writer lock), then the folders left
+    empty. Returns the files removed (or, with ``dry_run``, that would be).
+
+    Raises CacheError when ``path`` is not a tsae cache, holds other files (unless ``force``: they are kept) or
+    is being written by a live harvest (unless ``force``).
+    """
+    Cache.open(path, check=False)  # refuse anything that is not a tsae cache
+    lock = is_locked(path)
+    if lock and not force:
+        raise CacheError(f"{path} is being written by pid {lock['pid']} on {lock['host']}; use --force to remove")
+    own, other = cache_files(path)
+    if other and not force:
+        shown = ", ".join(o.rsplit("/", 1)[-1] for o in other[:3]) + (" ..." if len(other) > 3 else "")
+        raise CacheError(f"{path} holds {len(other)} file(s) that are not part of the cache ({shown}); nothing "
+                         "removed: move them away, or use --force to remove only the cache's own files")
+    if dry_run:
+        return own
+    fs, root = fsspec.core.url_to_fs(path)
+    root = root.rstrip("/")
+    if not other:
+        fs.rm(root, recursive=True)
+        return own
+    for f in own:
+        fs.rm_file(f)
+    dirs = sorted({f.rsplit("/", 1)[0] for f in own}, key=lambda d: -d.count("/"))
+    for d in dirs:  # the folders emptied, deepest first (and their parents, up to the root)
+        while d.startswith(root + "/") and fs.exists(d) and not fs.ls(d, detail=False):
+            fs.rmdir(d)
+            d = d.rsplit("/", 1)[0]
+    return own
+
+
+def check_destination(path: str) -> None:
+    """Raise CacheError when ``path`` is an existing non-empty folder that is not a tsae cache (a harvest would
+    mix its files with someone else's, and ``cache rm`` could not tell them apart)."""
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.exists(root):
+        return
+    if not fs.isdir(root):
+        raise CacheError(f"{path} is a file, not a folder: choose another harvest.cache_dir")
+    entries = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(root, detail=False)]
+    if not entries:
+        return
+    if "zarr.json" in entries:
+        _open_existing(path)  # a Zarr group of ours, or CacheError
+        return
+    if set(entries) <= {LOCK_KEY} | set(CACHE_ENTRIES):
+        return  # a harvest that died before writing its root metadata
+    raise CacheError(f"{path} is a non-empty folder that is not a tsae cache (it holds {', '.join(sorted(entries)[:3])}"
+                     f"{' ...' if len(entries) > 3 else ''}); nothing written: choose an empty or new harvest.cache_dir")
+
+
+def reusable(path: str, meta: dict[str, Any]) -> Cache | None:
+    """The complete cache at ``path`` if it already holds what ``meta`` asks for (same identity, the hooks,
+    at least ``n_seq_target`` sequences), else None. Only reads: a complete cache on read-only storage is reused
+    without taking the writer lock."""
+    try:
+        existing = _open_existing(path)
+    except CacheError:
+        return None
+    if existing is None:
+        return None
+    old = dict(existing.attrs[ATTR])
+    if (not old.get("complete") or _meta_diff(old, dict(meta, fingerprint=fingerprint(meta)))
+            or not set(meta["hooks"]) <= set(old["hooks"]) or old["n_seq_target"] < meta["n_seq_target"]):
+        return None
+    return Cache.open(path)
 
 
 def auto_seq_chunk(context_size: int, d_model: int, itemsize: int, n_seq_target: int) -> int:
@@ -299,6 +408,7 @@ class CacheWriter:
         m = self.meta
         n, ctx, d = m["n_seq_target"], m["context_size"], m["d_model"]
         ch = m["seq_chunk"]
+        m["checksums"] = {}
         self.group.create_array("tokens", shape=(n, ctx), chunks=(ch, ctx), dtype="int32", compressors=tokens_codec(),
                                 fill_value=0, overwrite=True)
         for h in m["hooks"]:
@@ -383,10 +493,29 @@ class CacheWriter:
             for h, a in acts.items():
                 self.group[f"acts/{h}"][start:stop] = a
             self.group["tokens"][start:stop] = tokens
+            self._record_checksums(start, stop, tokens, acts)
             self.meta["n_seq"] = stop  # only after the rows are stored
             self._commit()
 
         self._inflight = self._pool.submit(write)
+
+    def _record_checksums(self, start: int, stop: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
+        """Put :func:`chunk_checksum` of the chunk holding rows [start, stop) into ``meta["checksums"]`` (rows
+        written into a chunk that already held some are read back first, so the sum covers the whole chunk)."""
+        c = start // self.seq_chunk
+        first = c * self.seq_chunk
+        sums = self.meta.setdefault("checksums", {})
+        for name, rows in [("tokens", tokens)] + [(f"acts/{h}", a) for h, a in acts.items()]:
+            if first < start:
+                rows = self.group[name][first:stop]
+            sums.setdefault(name, {})[str(c)] = chunk_checksum(rows)
+
+    def add_checksums(self, chunk: int, sums: dict[str, str]) -> None:
+        """Record {array name: checksum} of chunk ``chunk`` written by someone else (a distributed worker);
+        stored with the next commit."""
+        with self._lock:
+            for name, value in sums.items():
+                self.meta.setdefault("checksums", {}).setdefault(name, {})[str(chunk)] = value
 
     def _wait(self) -> None:
         if self._inflight is not None:
@@ -486,19 +615,99 @@ class Cache:
     _arrays: dict[str, zarr.Array] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
-    def open(cls, path: str) -> Cache:
-        """Open read-only. Raises CacheError if missing, not a tsae cache, or of an unknown format."""
+    def open(cls, path: str, check: bool = True) -> Cache:
+        """Open read-only. Raises CacheError if missing, not a tsae cache, of an unknown format, with unreadable
+        metadata, or (``check``) with metadata that disagrees with its arrays (:meth:`metadata_problems`)."""
         try:
             g = zarr.open_group(store_path(path), mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as e:
             raise CacheError(f"no activation cache at {path}: run `python cli.py harvest CONFIG` first") from e
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            raise CacheError(f"{path}: the cache metadata ({path}/zarr.json) is unreadable ({type(e).__name__}: "
+                             f"{e}); the cache is damaged: harvest it again into a new folder") from e
         if ATTR not in g.attrs:
             raise CacheError(f"{path} is not a tsae cache (no '{ATTR}' attribute)")
         meta = dict(g.attrs[ATTR])
         if meta.get("format_version") != FORMAT_VERSION:
             raise CacheError(f"{path} has cache format {meta.get('format_version')}; this tsae reads "
                              f"format {FORMAT_VERSION}")
-        return cls(path, g, meta)
+        cache = cls(path, g, meta)
+        if check:
+            problems = cache.metadata_problems()
+            if problems:
+                raise CacheError(f"{path}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1
+                                                           else "") + "; run `python cli.py cache verify` on it")
+        return cache
+
+    def metadata_problems(self) -> list[str]:
+        """Disagreements between the ``tsae`` attribute and the arrays (shapes, dtypes, missing or unreadable
+        arrays), one sentence each; [] for a consistent cache."""
+        m, out = self.meta, []
+        try:
+            n, ctx, d = int(m["n_seq"]), int(m["context_size"]), int(m["d_model"])
+            hooks, chunk = list(m["hooks"]), int(m["seq_chunk"])
+        except (KeyError, TypeError, ValueError) as e:
+            return [f"the '{ATTR}' attribute lacks or garbles {e}"]
+        if chunk <= 0 or n < 0:
+            out.append(f"seq_chunk={chunk} and n_seq={n} must be positive")
+        names = {"tokens": (ctx,)} | {f"acts/{h}": (ctx, d) for h in hooks}
+        for name, tail in names.items():
+            try:
+                arr = self.array(name)
+            except Exception as e:  # a missing or unreadable array node
+                out.append(f"array {name} is missing or unreadable ({type(e).__name__})")
+                continue
+            if tuple(arr.shape[1:]) != tail:
+                out.append(f"{name} has shape {tuple(arr.shape)} but the metadata says rows of {tail} "
+                           f"(context_size={ctx}, d_model={d})")
+            if arr.shape[0] < n:
+                out.append(f"n_seq={n} exceeds the {arr.shape[0]} rows of {name}")
+            if arr.chunks[0] != chunk:
+                out.append(f"{name} is chunked by {arr.chunks[0]} sequences but the metadata says seq_chunk={chunk}")
+            want = "int32" if name == "tokens" else STORAGE_DTYPES.get(str(m.get("dtype")), "?")
+            if str(arr.dtype) != want:
+                out.append(f"{name} holds {arr.dtype} but the metadata says {want}")
+        return out
+
+    def chunks_stored(self, name: str) -> set[int] | None:
+        """Indices (along ``n_seq``) of the chunks of array ``name`` present in the store, from one listing; None
+        when the store cannot be listed."""
+        fs, root = fsspec.core.url_to_fs(self.path)
+        base = f"{root.rstrip('/')}/{name}/c"
+        try:
+            files = fs.find(base, withdirs=False)
+        except (OSError, NotImplementedError):
+            return None
+        out = set()
+        for f in files:
+            first = f[len(base):].lstrip("/").split("/", 1)[0]
+            if first.isdigit():
+                out.add(int(first))
+        return out
+
+    def missing_chunks(self, names: list[str] | None = None) -> dict[str, list[int]]:
+        """{array name: chunk indices below ``n_seq`` absent from the store} for ``names`` (default: tokens and
+        every ``acts/<hook>``); arrays with none missing are left out. A missing chunk would read as zeros."""
+        names = names or ["tokens"] + [f"acts/{h}" for h in self.hooks]
+        want = set(range(-(-self.n_seq // self.seq_chunk)))
+        out = {}
+        for name in names:
+            have = self.chunks_stored(name)
+            if have is not None and want - have:
+                out[name] = sorted(want - have)
+        return out
+
+    def check_chunks(self, hook: str | None = None) -> None:
+        """Raise CacheError naming the first missing chunk of ``tokens`` and ``acts/<hook>`` (every hook when
+        None) instead of letting it read as zeros."""
+        names = ["tokens"] + [f"acts/{h}" for h in ([hook] if hook else self.hooks)]
+        missing = self.missing_chunks(names)
+        if missing:
+            name, chunks = next(iter(missing.items()))
+            a = chunks[0] * self.seq_chunk
+            raise CacheError(f"{self.path}: chunk {chunks[0]} (rows {a}..{min(a + self.seq_chunk, self.n_seq) - 1}) of "
+                             f"{name} is missing from the store ({sum(map(len, missing.values()))} missing in all); "
+                             "run `python cli.py cache verify` on it, then harvest again into a new folder")
 
     def refresh(self) -> None:
         """Re-read the attributes (``n_seq`` grows while a harvest is writing)."""

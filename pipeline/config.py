@@ -180,6 +180,11 @@ class SAEConfig:
         if self.sparsity_warmup_frac > 1:
             raise ConfigError(f"{where}.sparsity_warmup_frac={self.sparsity_warmup_frac} must be <= 1 "
                               "(a fraction of the run's steps; negative = the default)")
+        if self.lr < 0:
+            raise ConfigError(f"{where}.lr={self.lr} must be > 0 (or 0 to take train.lr)")
+        if self.d_sae > 0 and self.architecture in TOPK_FAMILY and self.k > self.d_sae:
+            raise ConfigError(f"{where}.k={self.k} exceeds d_sae={self.d_sae}: choose k <= d_sae")
+        check_name(self.name, f"{where}.name")
 
     def canonical(self) -> SAEConfig:
         """A copy with fields the architecture ignores reset to their defaults (for merging grid points)."""
@@ -443,6 +448,15 @@ class Config:
         return dataclasses.asdict(self)
 
 
+def check_name(name: str, where: str) -> None:
+    """Raise ConfigError unless ``name`` is a plain folder name (no path separators, not ``.``/``..``, not
+    hidden): SAE names become folders under ``train.out_dir`` and must stay inside it."""
+    if not name:
+        return
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith(".") or "\0" in name:
+        raise ConfigError(f"{where}={name!r} must be a plain folder name (no '/', '\\', leading '.' or '..')")
+
+
 def _positive(obj: Any, *names: str, prefix: str | None = None) -> None:
     section = prefix or {HarvestConfig: "harvest", TrainConfig: "train", AnalyzeConfig: "analyze"}.get(type(obj), "")
     for n in names:
@@ -552,9 +566,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not p.is_file():
             raise ConfigError(f"config file {str(p)!r} not found (see configs/ for examples)")
         try:
-            raw = tomllib.loads(p.read_text())
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from e
+        except UnicodeDecodeError:
+            raise ConfigError(f"{p} is not a UTF-8 text file (a binary file?): give a TOML config, "
+                              "see configs/") from None
     for o in overrides:
         apply_override(raw, o)
     unknown = set(raw) - {"harvest", "train", "analyze"}

@@ -129,13 +129,36 @@ def iter_texts(src: TextSource) -> Iterator[str]:
         kwargs = {"sample_by": "document"} if src.builder == "text" else {}
         ds = datasets.load_dataset(src.builder, data_files=files, split="train", streaming=True, **kwargs)
         column = "text" if src.builder == "text" else src.text_column
-    for row in ds:
+    for row in _rows(ds, src):
         if column not in row:
             raise DatasetLoadError(f"dataset {src.name!r} has no column {column!r}; columns: {sorted(row)}. "
                                    "Set harvest.text_column.")
         text = row[column]
         if text:
             yield text
+
+
+def _rows(ds, src: TextSource) -> Iterator[dict]:
+    """The rows of ``ds``; a file that is not UTF-8 text (or not valid for its builder) raises DatasetLoadError
+    naming the dataset instead of a decoding traceback from inside ``datasets``."""
+    it = iter(ds)
+    while True:
+        try:
+            row = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # datasets wraps the builder's error (often a UnicodeDecodeError) in its own
+            cause, chain = e, []
+            while cause is not None and len(chain) < 8:
+                chain.append(cause)
+                cause = cause.__cause__ or cause.__context__
+            if not any(isinstance(c, (UnicodeDecodeError, ValueError, TypeError)) for c in chain) or \
+                    src.builder == "hub":
+                raise
+            raise DatasetLoadError(f"dataset {src.name!r} could not be read as {src.builder} "
+                                   f"({type(chain[-1]).__name__}: {str(chain[-1])[:120]}): is it a UTF-8 "
+                                   f"{src.builder} file?") from e
+        yield row
 
 
 def token_windows(texts: Iterable[str], tokenizer, context_size: int, prepend_bos: bool, bos_token_id: int,

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import zarr
 
-from pipeline.cache import _to_host, check_storable, store_path
+from pipeline.cache import _to_host, check_storable, chunk_checksum, store_path
 from pipeline.models import LM, load_model, run_hooks, unigram_activations
 
 _MODELS: dict[tuple, LM] = {}
@@ -44,9 +44,10 @@ def worker_model(model: str, model_dtype: str, bos_token: str, sep_token: str) -
 
 @torch.no_grad()
 def harvest_rows(path: str, model: dict[str, str], hooks: list[str], dtype: str, batch_size: int, start: int,
-                 tokens: np.ndarray) -> tuple[int, int]:
+                 tokens: np.ndarray) -> tuple[int, int, dict[str, str]]:
     """Forward ``tokens`` int32 [rows, context_size] (rows starting at cache row ``start``, inside one chunk)
-    and write tokens and activations. Returns (start, stop). Raises ActivationOverflowError."""
+    and write tokens and activations. Returns (start, stop, {array name: chunk checksum}) (see
+    :func:`pipeline.cache.chunk_checksum`). Raises ActivationOverflowError."""
     lm = worker_model(**model)
     parts: dict[str, list[np.ndarray]] = {h: [] for h in hooks}
     for s in range(0, len(tokens), batch_size):
@@ -56,10 +57,14 @@ def harvest_rows(path: str, model: dict[str, str], hooks: list[str], dtype: str,
             parts[h].append(_to_host(acts[h], dtype))
     g = zarr.open_group(store_path(path), mode="r+")
     stop = start + len(tokens)
+    rows = {"tokens": tokens}
     for h in hooks:
-        g[f"acts/{h}"][start:stop] = np.concatenate(parts[h])
+        rows[f"acts/{h}"] = np.concatenate(parts[h])
+        g[f"acts/{h}"][start:stop] = rows[f"acts/{h}"]
     g["tokens"][start:stop] = tokens
-    return start, stop
+    first = start // g["tokens"].chunks[0] * g["tokens"].chunks[0]  # rows already in the chunk are read back
+    sums = {name: chunk_checksum(r if first == start else g[name][first:stop]) for name, r in rows.items()}
+    return start, stop, sums
 
 
 def unigram_table(model: dict[str, str], hooks: list[str]) -> dict[str, Any]:

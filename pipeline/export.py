@@ -267,7 +267,8 @@ def export_command(sae_folder: str | Path, out: str | Path) -> list[Path]:
     """``cli.py export SAE_FOLDER OUT``: export one saved SAE to OUT, or every SAE in a ``train.out_dir``
     (subfolders with ``sae.safetensors``) to ``OUT/<name>``. Prints one line per SAE; returns the folders.
 
-    Raises FileNotFoundError (no SAE in SAE_FOLDER) or ExportError.
+    Raises FileNotFoundError (no SAE in SAE_FOLDER) or, after exporting the others, ExportError naming every SAE
+    that could not be exported.
     """
     src, out = Path(sae_folder), Path(out)
     if (src / CONFIG_FILE).is_file():
@@ -277,13 +278,22 @@ def export_command(sae_folder: str | Path, out: str | Path) -> list[Path]:
     else:
         raise FileNotFoundError(f"{src} is neither a saved tsae SAE ({CONFIG_FILE} + {WEIGHTS_FILE}) "
                                 f"nor a folder of them")
-    done = []
+    done, failed = [], []
     for s, o in jobs:
-        export_saelens(s, o)
+        try:
+            export_saelens(s, o)
+        except ExportError as e:
+            failed.append(f"{s}: {e}")
+            continue
+        except Exception as e:  # a damaged save (truncated safetensors, garbled cfg.json): name it, export the rest
+            failed.append(f"{s}: cannot load it ({type(e).__name__}: {str(e)[:100]})")
+            continue
         cfg = json.loads((o / SAELENS_CONFIG_FILE).read_text())
         tsae = cfg["metadata"]["tsae"]
         extra = f" + {LOOKUP_FILE} (not read by SAELens)" if tsae["lookup"] else ""
         click.echo(f"export: {s} ({tsae['architecture']}) -> {o} (SAELens {cfg['architecture']!r}, "
               f"d_in {cfg['d_in']}, d_sae {cfg['d_sae']}){extra}")
         done.append(o)
+    if failed:
+        raise ExportError(f"{len(failed)} of {len(jobs)} SAE(s) not exported ({len(done)} were): " + "; ".join(failed))
     return done

@@ -70,14 +70,33 @@ def read_chunk(cache: Cache, hook: str, chunk: int, exclude_bos: bool) -> tuple[
     With ``exclude_bos`` and a cache written with ``prepend_bos``, position 0 of each sequence is dropped.
     """
     acts, toks = _read_rows(cache, cache.array(f"acts/{hook}"), cache.array("tokens"), chunk, exclude_bos)
-    return to_torch(acts, cache.dtype), torch.from_numpy(toks)
+    x = to_torch(acts, cache.dtype)
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        a, b = chunk_rows(cache, chunk)
+        raise CacheError(f"{cache.path}: chunk {chunk} (rows {a}..{b - 1}) of acts/{hook} holds NaN/inf activations; "
+                         "run `python cli.py cache verify` on it")
+    return x, torch.from_numpy(toks)
+
+
+def unreadable(cache: Cache, name: str, chunk: int, e: Exception) -> CacheError:
+    """The error for chunk ``chunk`` of array ``name`` failing to decode (truncated or corrupted on disk)."""
+    a, b = chunk_rows(cache, chunk)
+    return CacheError(f"{cache.path}: chunk {chunk} (rows {a}..{b - 1}) of {name} does not decode "
+                      f"({type(e).__name__}: {str(e)[:80]}); run `python cli.py cache verify` on it")
 
 
 def _read_rows(cache: Cache, acts_arr, tokens_arr, chunk: int, exclude_bos: bool) -> tuple[np.ndarray, np.ndarray]:
     """:func:`read_chunk` as numpy (activations in the storage dtype) with the Zarr arrays already opened."""
     start, stop = chunk_rows(cache, chunk)
-    acts = acts_arr[start:stop]
-    toks = tokens_arr[start:stop]
+    for arr in (acts_arr, tokens_arr):
+        try:
+            rows = arr[start:stop]
+        except Exception as e:  # blosc / zarr decoding errors of a damaged chunk
+            raise unreadable(cache, arr.path, chunk, e) from e
+        if arr is acts_arr:
+            acts = rows
+        else:
+            toks = rows
     if exclude_bos and cache.meta["prepend_bos"]:
         acts, toks = acts[:, 1:], toks[:, 1:]
     return np.ascontiguousarray(acts.reshape(-1, acts.shape[-1])), toks.reshape(-1).astype(np.int64)
@@ -159,8 +178,11 @@ class ActivationReader:
 
         def read(j: int) -> int:  # on a read-ahead thread: chunk order[j] into its slot; returns its sequences
             slot, (a, b) = j % n_slots, chunk_rows(cache, order[j])
-            acts_arr.get_basic_selection(slice(a, b), out=_PROTO.nd_buffer.from_numpy_array(slab[slot, :b - a]))
-            slab_tokens[slot, :(b - a) * ctx] = tokens_arr[a:b].reshape(-1)
+            try:
+                acts_arr.get_basic_selection(slice(a, b), out=_PROTO.nd_buffer.from_numpy_array(slab[slot, :b - a]))
+                slab_tokens[slot, :(b - a) * ctx] = tokens_arr[a:b].reshape(-1)
+            except Exception as e:  # a damaged chunk: name it instead of a codec traceback
+                raise unreadable(cache, f"acts/{self.hook} or tokens", order[j], e) from e
             return b - a
 
         def block_of(j: int, part: int) -> int:  # the block in which part ``part`` of chunk j leaves the window
@@ -285,5 +307,8 @@ def load_tokens(cache: Cache, hook: str, chunks: list[int], max_tokens: int, exc
         n += len(t)
         if n >= max_tokens:
             break
+    if not acts:  # no chunks given
+        return (torch.empty((0, int(cache.meta["d_model"])), dtype=dtype, device=device),
+                torch.empty(0, dtype=torch.int64, device=device))
     a = torch.cat(acts)[:max_tokens].to(device=device, dtype=dtype)
     return a, torch.cat(toks)[:max_tokens].to(device)

@@ -25,10 +25,10 @@ from tqdm.auto import tqdm
 
 from pipeline.analysis import plots
 from pipeline.analysis.report import Figure, Section, Table, write_report
-from pipeline.cache import Cache
+from pipeline.cache import Cache, CacheError
 from pipeline.config import Config
 from pipeline.models import load_tokenizer, resolve_device
-from pipeline.reader import load_tokens, split_chunks
+from pipeline.reader import load_tokens, n_chunks, split_chunks
 from pipeline.saes import SAE, load_sae
 from stages import resolve_cache
 from stages.train import format_ci
@@ -144,8 +144,12 @@ class Context:
     @cached_property
     def heldout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(x [n, d_model] float32, tokens int64 [n]) : up to ``analyze.eval_tokens`` held-out tokens."""
-        return load_tokens(self.cache, self.hook, self.held_chunks, self.cfg.analyze.eval_tokens,
-                           self.cfg.train.exclude_bos, device=self.device)
+        x, t = load_tokens(self.cache, self.hook, [c for c in self.held_chunks if c < n_chunks(self.cache)],
+                           self.cfg.analyze.eval_tokens, self.cfg.train.exclude_bos, device=self.device)
+        if not len(t):
+            raise CacheError(f"cache {self.cache.path} has no held-out tokens in chunks {self.held_chunks}: analyze "
+                             "the cache the SAEs were trained on")
+        return x, t
 
     @cached_property
     def heldout_prev(self) -> np.ndarray:
@@ -868,7 +872,48 @@ SECTIONS: dict[str, Callable[[Context], Section]] = {
 NEEDS_SAES = set(SECTIONS) - {"ngrams"}
 
 
-def run(cfg: Config, scheduler: str | None = None) -> dict:
+def provenance_problems(sae: SAE, cache: Cache) -> list[str]:
+    """How ``sae``'s recorded provenance disagrees with ``cache`` (model, cache fingerprint, held-out chunks
+    beyond the cache's end), one sentence each; [] when it matches or was not recorded."""
+    p, m, out = sae.params, cache.meta, []
+    if p.model and p.model != m.get("model"):
+        out.append(f"trained on model {p.model!r}, the cache holds {m.get('model')!r}")
+    fp = p.extra.get("cache_fingerprint")
+    if fp and cache.fingerprint and fp != cache.fingerprint:
+        out.append(f"trained on a cache with fingerprint {fp}, this cache has {cache.fingerprint} (another model, "
+                   "dataset, context size or dtype)")
+    held = p.extra.get("heldout_chunks") or []
+    if held and max(held) >= n_chunks(cache):
+        out.append(f"its held-out chunks go up to {max(held)}, this cache has {n_chunks(cache)} chunk(s)")
+    return out
+
+
+def load_saes(dirs: dict[str, Path], cache: Cache, hook: str, dev: torch.device, allow_other_cache: bool = False
+              ) -> tuple[dict[str, SAE], dict[str, str]]:
+    """Load the SAEs in ``dirs`` that were trained at ``hook``: ({name: SAE}, {name: why it was skipped}).
+
+    An SAE that cannot be loaded (e.g. a truncated ``sae.safetensors``) is skipped and named, so the others are
+    still analysed. Raises CacheError when an SAE was trained on another model or cache (its recorded model or
+    cache fingerprint differ), unless ``allow_other_cache``.
+    """
+    saes, skipped = {}, {}
+    for n, d in dirs.items():
+        try:
+            sae = load_sae(d, dev)
+        except Exception as e:  # safetensors, JSON or shape errors of a damaged save
+            skipped[n] = f"cannot load {d}: {type(e).__name__}: {str(e)[:100]}"
+            continue
+        if sae.params.hook != hook:
+            continue
+        problems = provenance_problems(sae, cache)
+        if problems and not allow_other_cache:
+            raise CacheError(f"SAE {n} ({d}) does not match cache {cache.path}: {'; '.join(problems)}. Point "
+                             "train.cache_dir at the cache it was trained on, or pass --allow-other-cache")
+        saes[n] = sae
+    return saes, skipped
+
+
+def run(cfg: Config, scheduler: str | None = None, allow_other_cache: bool = False) -> dict:
     """Run ``cfg.analyze.analyses`` on ``cfg.cache_dir`` and the SAEs under ``cfg.train.out_dir``.
 
     scheduler: a dask.distributed scheduler address for the token-level statistics (default: local).
@@ -877,15 +922,20 @@ def run(cfg: Config, scheduler: str | None = None) -> dict:
     """
     a = cfg.analyze
     out = Path(a.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     cache = Cache.open(resolve_cache(cfg))
     hook = cache.check_hook(cfg.train.hook)
+    cache.check_chunks(hook)  # a missing chunk would read as zeros
     dev = resolve_device(a.device)
     dirs = {d.name: d for d in find_saes(cfg.train.out_dir)}
     if any(k in NEEDS_SAES for k in a.analyses) and not dirs:
         raise FileNotFoundError(f"no trained SAEs under {cfg.train.out_dir}: run `python cli.py train CONFIG` first")
-    saes = {n: load_sae(d, dev) for n, d in dirs.items()}
-    saes = {n: s for n, s in saes.items() if s.params.hook == hook}
+    if any(k in NEEDS_SAES for k in a.analyses) and n_chunks(cache) < 2:
+        raise CacheError(f"cache {cache.path} has {cache.n_seq} sequence(s) in {n_chunks(cache)} chunk(s): the SAE "
+                         "analyses need held-out chunks; analyze the cache the SAEs were trained on")
+    saes, skipped = load_saes(dirs, cache, hook, dev, allow_other_cache)
+    for n, why in skipped.items():
+        tqdm.write(f"warning: SAE {n} skipped (analysing the others): {why}")
+    out.mkdir(parents=True, exist_ok=True)
     evals, logs = {}, {}
     for n in saes:
         ev = dirs[n] / "eval.json"
@@ -914,7 +964,7 @@ def run(cfg: Config, scheduler: str | None = None) -> dict:
     md, html = write_report(sections, out, "tsae analysis report", header)
     uf = ctx.results.get("unigram_features", {}).get("fraction", {})
     return {"out_dir": str(out), "report": str(md), "report_html": str(html), "unigram_fraction": uf,
-            "results": results}
+            "results": results, "skipped": skipped}
 
 
 def _json_default(o: Any) -> Any:

@@ -15,10 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import __version__
-from pipeline.cache import FORMAT_VERSION, CacheError, CacheWriter, auto_seq_chunk, cache_path, fingerprint
-from pipeline.config import Config
+from pipeline.cache import (FORMAT_VERSION, CacheError, CacheWriter, auto_seq_chunk, cache_path, check_destination,
+                            fingerprint, reusable)
+from pipeline.config import Config, ConfigError
 from pipeline.distributed import harvest_rows, unigram_table
-from pipeline.corpus import iter_texts, resolve_source, token_windows
+from pipeline.corpus import DatasetLoadError, iter_texts, resolve_source, token_windows
 from pipeline.models import check_hooks, load_model, model_identity, run_hooks, unigram_activations
 
 
@@ -84,7 +85,8 @@ def _harvest_distributed(client, writer: CacheWriter, path: str, model: dict, ho
 
 def _collect(finished, done: dict, writer: CacheWriter, bar) -> None:
     for f in finished:
-        a, b = f.result()  # re-raises a worker's error (e.g. float16 overflow)
+        a, b, sums = f.result()  # re-raises a worker's error (e.g. float16 overflow)
+        writer.add_checksums(a // writer.seq_chunk, sums)
         done[a] = b
         bar.update(b - a)
     stop = writer.n_seq
@@ -105,6 +107,10 @@ def run(cfg: Config) -> dict:
     distributed = bool(h.workers or h.scheduler)  # then the workers hold the models; ours only tokenizes
     lm = load_model(h.model, "cpu" if distributed else h.device, h.model_dtype, h.bos_token, h.sep_token)
     check_hooks(lm, h.hooks)
+    n_ctx = getattr(lm.bridge.cfg, "n_ctx", None)
+    if n_ctx and h.context_size > n_ctx:
+        raise ConfigError(f"harvest.context_size={h.context_size} exceeds the {n_ctx} positions of {lm.name}: "
+                          f"choose context_size <= {n_ctx}")
     src = resolve_source(h.dataset, h.dataset_config, h.split, h.text_column, h.data_seed, h.dataset_revision)
     n_target = math.ceil(h.n_tokens / h.context_size)
     itemsize = 2 if h.dtype == "float16" else 4
@@ -120,6 +126,18 @@ def run(cfg: Config) -> dict:
     need = _expected_bytes(n_target, h.context_size, lm.d_model, lm.d_vocab, itemsize, len(h.hooks))
     click.echo(f"harvest: {lm.name} {h.hooks} on {src.name}: {n_target} sequences x {h.context_size} tokens "
                f"→ {path} (at most {need / 2**20:.1f} MiB before compression)")
+    done = reusable(path, meta)  # read only: a complete cache on read-only storage needs no lock
+    if done is not None:
+        click.echo(f"cache {path} is already complete ({done.n_seq} sequences); no model work done")
+        return {"path": path, "n_seq": done.n_seq, "tokens": done.n_seq * h.context_size,
+                "seconds": 0.0, "tokens_per_s": float("nan")}
+    check_destination(path)
+    stream = token_windows(iter_texts(src), lm.tokenizer, h.context_size, h.prepend_bos, lm.bos_token_id,
+                           lm.sep_token_id)
+    first = next(stream, None)  # before anything is written: an empty dataset leaves no cache behind
+    if first is None:
+        raise DatasetLoadError(f"dataset {src.name!r} gives no window of {h.context_size} tokens (empty, or too "
+                               "short): give more text or a smaller harvest.context_size")
     _check_room(path, need)
     writer = CacheWriter(path, meta)
     hooks = writer.hooks  # an existing cache may hold more hooks than asked for; extend them all
@@ -132,8 +150,7 @@ def run(cfg: Config) -> dict:
     if start:
         click.echo(f"resuming at sequence {start} of {writer.meta['n_seq_target']}")
     t0 = time.perf_counter()
-    windows = itertools.islice(token_windows(iter_texts(src), lm.tokenizer, h.context_size, h.prepend_bos,
-                                             lm.bos_token_id, lm.sep_token_id), start, None)
+    windows = itertools.islice(itertools.chain([first], stream), start, None)
     target = writer.meta["n_seq_target"]
     try:
         with tqdm(total=target, initial=start, unit="seq", desc="harvest") as bar:
@@ -158,8 +175,15 @@ def run(cfg: Config) -> dict:
             for hook, table in (unigram or unigram_activations(lm, todo)).items():
                 writer.write_unigram(hook, table)
         writer.finish(exhausted=exhausted)
-    except BaseException:
-        writer.close()  # rows already committed stay valid; rerun to resume
+    except BaseException as e:
+        try:
+            writer.close()  # rows already committed stay valid; rerun to resume
+        except OSError:
+            pass  # the same failed write, re-raised by the writer thread
+        if isinstance(e, OSError) and not isinstance(e, FileNotFoundError):
+            raise CacheError(f"writing {path} failed after {writer.n_seq} sequences: {e.strerror or e} "
+                             f"({e.filename or path}); the rows written so far are kept: fix that (e.g. free "
+                             "space), then rerun the same command to resume") from e
         raise
     if exhausted:
         click.echo(f"warning: the corpus ran out after {writer.n_seq} sequences (asked for {n_target})")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from pipeline import metrics as M
 from pipeline.analysis.plots import plot_training_curves
-from pipeline.cache import Cache
+from pipeline.cache import Cache, CacheError
 from pipeline.config import TOPK_FAMILY, Config, ConfigError, SAEConfig, TrainConfig
 from pipeline.evaluation import heldout_rows, load_rows
 from pipeline.models import resolve_device
@@ -52,6 +52,26 @@ RUN_KEYS_IGNORED_FOR_RESUME = ("resume", "checkpoint_every", "device", "workers"
 
 class TrainingInterrupted(RuntimeError):
     """Raised after a SIGTERM/SIGINT once the checkpoint is written; rerun the command to resume."""
+
+
+class TrainingDiverged(RuntimeError):
+    """An SAE's loss or weights became NaN/inf; nothing of this run was saved over earlier results."""
+
+
+def check_finite(trainer: MultiTrainer, step: int, metrics: dict[str, dict[str, float]] | None = None) -> None:
+    """Raise TrainingDiverged naming the step and the SAE when a logged loss (``metrics``, from
+    :meth:`MultiTrainer.step`) or, without ``metrics``, any weight of an SAE is NaN/inf. Called at log steps
+    (the loss: no extra host sync) and before a checkpoint or the final save (the weights)."""
+    hint = ("the cache may hold NaN/inf activations (check it with `python cli.py cache verify CACHE`), or "
+            "lower this SAE's lr; finished SAEs and the last checkpoint were left as they were")
+    if metrics is not None:
+        for name, m in metrics.items():
+            if not math.isfinite(m["loss"]):
+                raise TrainingDiverged(f"SAE {name}: the training loss is {m['loss']} at step {step}: {hint}")
+        return
+    for m in trainer.members:
+        if not all(bool(torch.isfinite(p).all()) for p in m.sae.parameters()):
+            raise TrainingDiverged(f"SAE {m.name}: its weights are NaN/inf at step {step}: {hint}")
 
 
 _SHORT = {"alpha": "a", "lookup_rows": "r", "lr": "lr", "lookup_lr_scale": "ls", "aux_k": "ak", "aux_coeff": "ac",
@@ -182,6 +202,9 @@ def plan(cfg: Config, cache: Cache, hook: str) -> list[Spec]:
                            dead_after_tokens=t.dead_after_tokens, bandwidth=s.bandwidth * math.sqrt(d_model),
                            init_threshold=s.init_threshold * math.sqrt(d_model), prefixes=list(s.prefixes), hook=hook,
                            model=cache.meta["model"])
+        if s.architecture in TOPK_FAMILY and s.k > d_sae:
+            raise ConfigError(f"{name}: k={s.k} exceeds d_sae={d_sae} (expansion {s.expansion} x d_model {d_model}): "
+                              "choose k <= d_sae")
         if params.lookup_rows > d_vocab:
             raise ConfigError(f"{name}: lookup_rows={params.lookup_rows} exceeds the vocabulary ({d_vocab})")
         specs[name] = Spec(name, params, s, t.seed if s.seed < 0 else s.seed, s.lr or t.lr)
@@ -228,6 +251,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         return run_distributed(cfg)
     cache = Cache.open(resolve_cache(cfg))
     hook = cache.check_hook(t.hook)
+    cache.check_chunks(hook)  # a missing chunk would read as zeros
     specs = plan(cfg, cache, hook)
     if only is not None:
         specs = [s for s in specs if s.name in only]
@@ -248,6 +272,9 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     x0, tok0 = load_tokens(cache, hook, train_chunks, min(32_768, reader.tokens_per_epoch), t.exclude_bos,
                            device=dev)
     scale = input_scale(x0)
+    if not math.isfinite(scale) or scale <= 0:
+        raise CacheError(f"{cache.path}: the input-scale sample of {len(x0):,} activations gives scale {scale}: "
+                         "check the cache with `python cli.py cache verify CACHE`")
     x0 = x0 * scale
     rows = heldout_rows(cache, held_chunks, t.seed)
     per_seq_tokens = cache.context_size - (1 if t.exclude_bos and cache.meta["prepend_bos"] else 0)
@@ -305,6 +332,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
                 step_metrics = trainer.step(batch.acts * scale, batch.tokens, log=log)
                 bar.update(1)
                 if log:
+                    check_finite(trainer, k, step_metrics)
                     held = trainer.evaluate(xh[:LOG_HELDOUT_TOKENS], th[:LOG_HELDOUT_TOKENS])
                     ce_now = ce.run(trainer) if ce and t.ce_every and (k % t.ce_every == 0 or k == total_steps) else {}
                     for n, m in step_metrics.items():
@@ -315,8 +343,10 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
                         logs[n].append(row)
                     bar.set_postfix({n[:14]: f"{m['nmse']:.3f}" for n, m in step_metrics.items()})
                 if t.checkpoint_every and k % t.checkpoint_every == 0 and k < total_steps:
+                    check_finite(trainer, k)
                     ckpt.save(trainer, logs)
                 if stop.is_set():
+                    check_finite(trainer, k)
                     ckpt.save(trainer, logs)
                     raise TrainingInterrupted(
                         f"training stopped by a signal at step {k}/{total_steps}; checkpoint written to "
@@ -324,6 +354,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
                 if trainer.step_count >= total_steps:
                     break
     seconds = time.perf_counter() - t0
+    check_finite(trainer, trainer.step_count)
 
     final = trainer.evaluate(xh, th, seq=sh, n_seq=n_eval_seq)
     ce_final = ce.run(trainer) if ce else {}
@@ -333,7 +364,8 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         n = s.name
         folder = out_dir / n
         sae = trainer.export(n, scale)
-        sae.params.extra = {"cache": str(cache.path), "input_scale_folded": scale, "tokens_seen": trainer.tokens_seen,
+        sae.params.extra = {"cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
+                            "input_scale_folded": scale, "tokens_seen": trainer.tokens_seen,
                             "train": dict(asdict(s.cfg), name=n, d_sae=s.params.d_sae, seed=s.seed, lr=s.lr,
                                           init_seed=s.init_seed, init_like=s.init_like),
                             "heldout_chunks": held_chunks, "split_seed": t.seed, "exclude_bos": t.exclude_bos}
