@@ -143,7 +143,7 @@ class SAEConfig:
     demo's 131 steps, so λ could not set the L0."""
     grad_clip: float = -1.0
     """Max global norm of this SAE's dense gradients; negative: ``train.grad_clip``, except relu and gated,
-    which default to 1 (Anthropic Circuits Updates, April 2024) when ``train.grad_clip`` is 0."""
+    which default to 1 (Anthropic Circuits Updates, April 2024) when ``train.grad_clip`` is 0; 0 = off."""
     sparsity_warmup_frac: float = -1.0
     """λ ramps linearly from 0 over this fraction of the run's steps; negative: ``train.sparsity_warmup_steps``,
     except relu and gated, which default to 0.05 (April 2024 update: the first 5% of steps) when that is 0."""
@@ -256,8 +256,9 @@ class TrainConfig:
     """b_dec initialisation: "mean" or "geometric_median" of a sample (minus the lookup when tokenized);
     the geometric median as dictionary_learning's TopK trainer and Bricken et al. 2023 (docs/quality.md)."""
     grad_clip: float = 1.0
-    """Max global norm of the dense gradients (0 = off); 1.0 as dictionary_learning's TopK trainer and the
-    April 2024 Anthropic update (docs/quality.md)."""
+    """Max global norm of the dense gradients; 1.0 as dictionary_learning's TopK trainer and the April 2024
+    Anthropic update (docs/quality.md). 0 = each architecture's own default (relu / gated: 1, others: off);
+    a per-SAE ``grad_clip`` >= 0 overrides it (0 there = off)."""
     autocast: str = "auto"
     """Mixed precision of the forward/backward (master weights stay float32): "none", "bf16", "fp16",
     or "auto" = bf16 on CUDA (and on CPUs with native bf16 matmuls), else none."""
@@ -325,7 +326,7 @@ class TrainConfig:
             raise ConfigError(f"train.ce_every={self.ce_every} must be a multiple of train.log_every={self.log_every}: "
                               "CE added is logged with the held-out metrics at log steps")
         if self.grad_clip < 0:
-            raise ConfigError("train.grad_clip must be >= 0 (0 = off)")
+            raise ConfigError("train.grad_clip must be >= 0 (0 = each architecture's default)")
         if self.buffer_tokens < self.batch_size:
             raise ConfigError(
                 f"train.buffer_tokens={self.buffer_tokens} < train.batch_size={self.batch_size}: "

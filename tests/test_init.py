@@ -111,7 +111,7 @@ def test_init_like_resolves_names_and_chains_and_refuses_impossible_pairs():
     bad = [('train.saes=[{name="a"}, {name="b", init_like="nope"}]', "names no SAE"),
            ('train.saes=[{name="a", tokenized=true, init_like="plain-twin"}]', "no plain SAE"),
            ('train.saes=[{name="a", k=8}, {name="b", k=4, tokenized=true, init_like="plain-twin"}]', "no plain SAE"),
-           ('train.saes=[{name="a"}, {name="b", expansion=2, init_like="a"}]', "same d_sae"),
+           ('train.saes=[{name="a"}, {name="b", expansion=2, k=8, init_like="a"}]', "same d_sae"),
            ('train.saes=[{name="a", architecture="relu"}, {name="b", init_like="a"}]', "initialised the same way"),
            ('train.saes=[{name="a", init_like="b"}, {name="b", init_like="a"}]', "cycle"),
            ('train.saes=[{name="a", init_like="a"}]', "itself")]

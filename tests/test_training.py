@@ -98,10 +98,12 @@ def test_relu_and_gated_get_april_update_clip_and_warmup_by_default(tiny_cache, 
     opts = {s.name: s.options(cfg.train, 200) for s in specs}
     for n in ("r", "g"):
         assert (opts[n].grad_clip, opts[n].sparsity_warmup_steps) == (1.0, 10)  # clip 1, λ over 5% of steps
-    assert (opts["t"].grad_clip, opts["t"].sparsity_warmup_steps) == (0.0, 0)
+    assert (opts["t"].grad_clip, opts["t"].sparsity_warmup_steps) == (1.0, 0)  # train.grad_clip's default, 1
     assert (opts["r2"].grad_clip, opts["r2"].sparsity_warmup_steps) == (0.0, 0)  # the SAE's own setting wins
     cfg.train.grad_clip = 0.5
     assert train.Spec.options(specs[0], cfg.train, 200).grad_clip == 0.5  # an explicit train.grad_clip wins
+    cfg.train.grad_clip = 0.0  # 0: each architecture's own default (topk: off; relu / gated: 1)
+    assert [train.Spec.options(specs[i], cfg.train, 200).grad_clip for i in (0, 2)] == [1.0, 0.0]
 
     # the trainer applies them per SAE: λ ramps over the member's warm-up; the clip bounds the gradient norm
     x, t = _data(cache, 1024)
