@@ -111,6 +111,11 @@ def token_counts(cache: Cache, chunks: list[int]) -> torch.Tensor:
     return torch.from_numpy(counts.astype(np.float64))
 
 
+def cache_url(path: str) -> str:
+    """A cache location that stays valid from another working directory: URLs as they are, local paths absolute."""
+    return str(path) if "://" in str(path) else str(Path(path).resolve())
+
+
 def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> dict:
     """Train the SAEs of ``cfg`` (or just those named in ``only``) on ``cfg.cache_dir``.
 
@@ -215,7 +220,10 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         n = s.name
         folder = out_dir / n
         sae = trainer.export(n, scale)
-        sae.params.extra = {"cache": str(cache.path), "input_scale_folded": scale, "tokens_seen": trainer.tokens_seen,
+        sae.params.extra = {"cache": cache_url(cache.path), "cache_meta": {
+                                k: cache.meta.get(k) for k in ("context_size", "prepend_bos", "bos_token_id",
+                                                               "dataset")},
+                            "input_scale_folded": scale, "tokens_seen": trainer.tokens_seen,
                             "train": dict(asdict(s.cfg), name=n, d_sae=s.params.d_sae, seed=s.seed, lr=s.lr),
                             "heldout_chunks": held_chunks, "split_seed": t.seed, "exclude_bos": t.exclude_bos}
         sae.save(folder)
@@ -233,7 +241,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         torch.save(final[n]["firing_freq"], folder / "firing_freq.pt")
         (folder / "eval.json").write_text(json.dumps(ev, indent=2))
         results.append(ev)
-    summary = {"out_dir": str(out_dir), "hook": hook, "cache": str(cache.path), "seconds": seconds,
+    summary = {"out_dir": str(out_dir), "hook": hook, "cache": cache_url(cache.path), "seconds": seconds,
                "tokens_per_s": (trainer.tokens_seen / max(seconds, 1e-9)), "results": results}
     fname = "summary.json" if only is None else f"summary-{specs[0].name}.json"
     (out_dir / fname).write_text(json.dumps(summary, indent=2))

@@ -1,0 +1,143 @@
+"""The public API: ``import tsae``, ``SAE.reconstruct``, splicing SAEs into a TransformerBridge forward."""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.evaluation import ce_losses, sae_reconstructor
+from pipeline.saes import ARCHITECTURES, SAEParams, load_sae
+from pipeline.splice import run_with_saes, splice_saes
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+def _sae(lm, arch="topk", tokenized=False, seed=0, hook=HOOK):
+    torch.manual_seed(seed)
+    p = SAEParams(architecture=arch, d_model=lm.d_model, d_sae=4 * lm.d_model, k=8, tokenized=tokenized,
+                  d_vocab=lm.d_vocab if tokenized else 0, hook=hook, model=lm.name)
+    sae = ARCHITECTURES[arch](p)
+    with torch.no_grad():
+        sae.b_dec.normal_(0, 0.1)
+        if sae.W_lookup is not None:
+            sae.W_lookup.normal_(0, 0.5)  # a lookup that matters: spliced without the right tokens, CE differs
+    return sae.eval()
+
+
+def _tokens(lm, n=4, ctx=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randint(0, lm.d_vocab, (n, ctx), generator=g)
+    t[:2, 0] = lm.bos_token_id  # half the sequences start with BOS: its position stays clean
+    return t
+
+
+def test_import_tsae_has_no_side_effects():
+    code = ("import os, sys; before = dict(os.environ); import tsae; "
+            "assert dict(os.environ) == before, set(os.environ) ^ set(before); "
+            "assert callable(tsae.load_sae) and callable(tsae.splice_saes) and callable(tsae.tsae_lookup); "
+            "assert 'cli' not in sys.modules and 'stages' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env={k: v for k, v in os.environ.items()
+                                                                  if k != "THP_MEM_ALLOC_ENABLE"})
+
+
+def test_import_graph_has_no_circle():
+    """base.py imports neither the registry nor an architecture (which import base.py): no import circle."""
+    import ast
+    from pathlib import Path
+
+    import pipeline.saes.base as base
+
+    tree = ast.parse(Path(base.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    inside = sorted(m for m in imported if m.startswith("pipeline.saes"))
+    assert inside == [], f"pipeline/saes/base.py imports {inside}"
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "relu", "jumprelu"])
+def test_reconstruct_is_decode_of_encode(tiny_lm, arch):
+    sae = _sae(tiny_lm, arch, tokenized=True)
+    x = torch.randn(3, 5, tiny_lm.d_model)
+    t = torch.randint(0, tiny_lm.d_vocab, (3, 5))
+    with torch.no_grad():
+        x_hat = sae.reconstruct(x, t)
+        flat = sae.decode(sae.encode(x.reshape(-1, x.shape[-1])), t.reshape(-1)).reshape(x.shape)
+        fwd = sae(x.reshape(-1, x.shape[-1]), t.reshape(-1)).x_hat.reshape(x.shape)
+    assert x_hat.shape == x.shape
+    torch.testing.assert_close(x_hat, flat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x_hat, fwd, rtol=1e-5, atol=1e-5)  # sae(x) still returns ForwardOutput
+    with pytest.raises(ValueError, match="token"):
+        sae.reconstruct(x)  # tokenized without token ids
+    with pytest.raises(ValueError, match="d_model"):
+        sae.reconstruct(torch.randn(2, tiny_lm.d_model + 1), torch.zeros(2, dtype=torch.long))
+
+
+def test_splice_loss_equals_ce_evaluation(tiny_lm):
+    """The spliced forward's loss is the CE evaluation's ce_spliced, for a plain and a tokenized SAE."""
+    toks = _tokens(tiny_lm)
+    for sae in (_sae(tiny_lm), _sae(tiny_lm, tokenized=True, seed=1)):
+        ref = ce_losses(tiny_lm, toks, HOOK, {"s": sae_reconstructor(sae)}, batch_size=len(toks), progress=False)
+        loss = run_with_saes(tiny_lm, toks, sae, return_type="loss")
+        assert math.isclose(float(loss), ref["per_sae"]["s"]["ce_spliced"], rel_tol=1e-5, abs_tol=1e-5)
+        assert abs(float(loss) - ref["ce_clean"]) > 1e-3  # the splice did something
+        with torch.no_grad():
+            clean = tiny_lm.bridge(toks, return_type="loss")
+        assert math.isclose(float(clean), ref["ce_clean"], rel_tol=1e-5)  # hooks removed on exit
+
+
+def test_splice_feeds_current_tokens_to_tokenized_sae(tiny_lm):
+    """A tokenized SAE sees this forward's ids: wrong ids (a shuffled lookup) would change the logits."""
+    sae = _sae(tiny_lm, tokenized=True)
+    toks = _tokens(tiny_lm, seed=3)
+    captured = {}
+
+    def grab(act, hook):
+        captured["x"] = act.detach().clone()
+
+    with torch.no_grad():
+        tiny_lm.bridge.run_with_hooks(toks, fwd_hooks=[(HOOK, grab)])
+        x_hat = sae.reconstruct(captured["x"], toks)
+        x_hat[:, 0] = torch.where((toks[:, 0] == tiny_lm.bos_token_id)[:, None], captured["x"][:, 0], x_hat[:, 0])
+        expected = tiny_lm.bridge.run_with_hooks(toks, fwd_hooks=[(HOOK, lambda a, hook: x_hat)])
+        with splice_saes(tiny_lm, {HOOK: sae}) as bridge:
+            got = bridge(toks)
+            again = tiny_lm.bridge.run_with_hooks(toks, fwd_hooks=[])  # TL's own hook reset keeps the splice
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(again, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_splice_two_hooks_and_errors(tiny_lm):
+    a, b = _sae(tiny_lm, hook="blocks.0.hook_resid_pre"), _sae(tiny_lm, tokenized=True, seed=2)
+    toks = _tokens(tiny_lm)
+    with torch.no_grad():
+        both = run_with_saes(tiny_lm, toks, [a, b], return_type="loss")
+        only_a = run_with_saes(tiny_lm, toks, [a], return_type="loss")
+        only_b = run_with_saes(tiny_lm, toks, [b], return_type="loss")
+    assert float(both) not in (float(only_a), float(only_b))
+    with pytest.raises(ValueError, match="more than one SAE"):
+        with splice_saes(tiny_lm, [a, _sae(tiny_lm, hook="blocks.0.hook_resid_pre", seed=5)]):
+            pass
+    with pytest.raises(ValueError, match="not a hook point"):
+        with splice_saes(tiny_lm, {"blocks.9.nope": a}):
+            pass
+
+
+def test_load_sae_roundtrip_and_group_readable(tiny_lm, tmp_path):
+    sae = _sae(tiny_lm, tokenized=True)
+    old = os.umask(0o022)
+    try:
+        sae.save(tmp_path / "s")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s" / "sae.safetensors").stat().st_mode & 0o777 == 0o644
+    back = load_sae(tmp_path / "s")
+    x, t = torch.randn(4, tiny_lm.d_model), torch.randint(0, tiny_lm.d_vocab, (4,))
+    with torch.no_grad():
+        torch.testing.assert_close(back.reconstruct(x, t), sae.reconstruct(x, t))
+    with pytest.raises(FileNotFoundError):
+        load_sae(tmp_path)
