@@ -12,14 +12,15 @@ Importing it has no side effects (no environment or allocator changes; the ``tsa
 """
 
 from pipeline import __version__
-from pipeline.evaluation import ce_losses, load_cache_model, sae_reconstructor
+from pipeline.cache import Cache
+from pipeline.evaluation import cache_tokens, ce_losses, load_cache_model, sae_reconstructor
 from pipeline.export import export_saelens, tsae_lookup
 from pipeline.models import LM, load_model
 from pipeline.saes import ARCHITECTURES, SAE, ForwardOutput, SAEParams, SparseCode, load_sae
 from pipeline.splice import run_with_saes, splice_saes
 
 __all__ = [
-    "ARCHITECTURES", "LM", "SAE", "ForwardOutput", "SAEParams", "SparseCode", "__version__", "ce_losses",
+    "ARCHITECTURES", "LM", "SAE", "Cache", "cache_tokens", "ForwardOutput", "SAEParams", "SparseCode", "__version__", "ce_losses",
     "export_saelens", "load_cache_model", "load_model", "load_sae", "run_with_saes", "sae_reconstructor",
     "splice_saes", "tsae_lookup",
 ]
