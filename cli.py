@@ -80,6 +80,9 @@ config_arg = click.argument("config", type=click.Path(dir_okay=False))
 @click.group()
 def main() -> None:
     """tsae: sparse autoencoders (plain and tokenized) on language-model activations."""
+    from pipeline.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # the command's process only; importing or calling the library never does this
 
 
 @main.command()
@@ -177,11 +180,11 @@ def cache() -> None:
 @click.argument("root", required=False)
 @_guard
 def cache_ls(root: str | None) -> None:
-    """Caches under ROOT (default: $TSAE_CACHE_ROOT or runs/caches)."""
+    """Caches under ROOT and its subfolders (default: $TSAE_CACHE_ROOT or runs/caches)."""
     from pipeline.cache import is_locked, list_caches
 
     root = root or os.environ.get("TSAE_CACHE_ROOT") or "runs/caches"
-    caches = list_caches(root)
+    caches = list_caches(root, recursive=True)
     if not caches:
         click.echo(f"no caches under {root}")
         return

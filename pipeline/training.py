@@ -36,7 +36,6 @@ from torch import Tensor
 from torch.optim.adam import adam as adam_update
 
 from pipeline import metrics as M
-from pipeline.cpu_memory import keep_freed_memory
 from pipeline.saes.base import SAE
 
 
@@ -238,8 +237,6 @@ class MultiTrainer:
         self.members: list[Member] = []
         self.step_count, self.tokens_seen = 0, 0
         sched = lr_lambda(opts.warmup_steps, opts.total_steps, opts.lr_final_frac)
-        if any(p.device.type == "cpu" for sae, _, _ in saes.values() for p in sae.parameters()):
-            keep_freed_memory()
         for name, (sae, lr, lookup_lr) in saes.items():
             dense = [p for n, p in sae.named_parameters() if n != "W_lookup"]
             optims: list[torch.optim.Optimizer] = [torch.optim.Adam(dense, lr=lr, betas=opts.betas,

@@ -201,7 +201,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
                         if n in ce_now:
                             row["heldout_ce_added"] = ce_now[n]["ce_added"]
                         logs[n].append(row)
-                    bar.set_postfix({n[:14]: f"{m['nmse']:.3f}" for n, m in step_metrics.items()})
+                    bar.set_postfix({n: f"{m['nmse']:.3f}" for n, m in step_metrics.items()})
                 if t.checkpoint_every and k % t.checkpoint_every == 0 and k < total_steps:
                     ckpt.save(trainer, logs)
                 if stop.is_set():
@@ -213,8 +213,16 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
                     break
     seconds = time.perf_counter() - t0
 
-    final = trainer.evaluate(xh, th)
-    ce_final = ce.run(trainer) if ce else {}
+    with tqdm(total=2 if ce else 1, desc="final evaluation", unit="phase", disable=not progress) as bar:
+        bar.set_postfix_str(f"NMSE/L0 on {len(xh):,} held-out tokens")
+        final = trainer.evaluate(xh, th)
+        bar.update(1)
+        if ce:
+            bar.set_postfix_str(f"CE on {len(ce.tokens)} held-out sequences")
+            ce_final = ce.run(trainer, progress=progress)
+            bar.update(1)
+        else:
+            ce_final = {}
     results = []
     for s in specs:
         n = s.name
@@ -271,13 +279,13 @@ class CEEvaluator:
         self.baseline: list | None = None  # clean activations and clean / zero-ablated CE: computed once
         self.last: tuple[int, dict] | None = None  # (step, result) of the latest run
 
-    def run(self, trainer: MultiTrainer) -> dict:
+    def run(self, trainer: MultiTrainer, progress: bool = False) -> dict:
         """:meth:`evaluate`, reusing the result when the trainer has not stepped since."""
         if self.last is None or self.last[0] != trainer.step_count:
-            self.last = (trainer.step_count, self.evaluate(trainer))
+            self.last = (trainer.step_count, self.evaluate(trainer, progress))
         return self.last[1]
 
-    def evaluate(self, trainer: MultiTrainer) -> dict:
+    def evaluate(self, trainer: MultiTrainer, progress: bool = False) -> dict:
         """{name: {ce_spliced, ce_added, ce_recovered}, "_clean", "_zero", "_n_seq"} on the held-out tokens."""
         from pipeline.evaluation import ce_losses
 
@@ -294,7 +302,7 @@ class CEEvaluator:
             m.sae.eval()
         with autocast_context(self.device, self.autocast):
             res = ce_losses(self.lm, self.tokens, self.hook, {m.name: recon(m.sae) for m in trainer.members},
-                            exclude_bos=self.exclude_bos, progress=False, baseline=self.baseline)
+                            exclude_bos=self.exclude_bos, progress=progress, baseline=self.baseline)
         self.baseline = res["baseline"]
         return {**res["per_sae"], "_clean": res["ce_clean"], "_zero": res["ce_zero_ablated"], "_n_seq": res["n_seq"]}
 
@@ -405,6 +413,9 @@ def _train_group(cfg: Config, names: list[str], index: int) -> dict:
     """Worker side of :func:`run_distributed`: pin a GPU when present, then train ``names``."""
     import dataclasses
 
+    from pipeline.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # a worker process: the allocator setting the tsae command gives its own process
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
         dev = f"cuda:{index % torch.cuda.device_count()}"
@@ -413,21 +424,25 @@ def _train_group(cfg: Config, names: list[str], index: int) -> dict:
 
 
 def format_table(results: list[dict], unigram_fraction: dict[str, float] | None = None) -> str:
-    """Fixed-width table of held-out NMSE / L0 / CE added per SAE (and the unigram-activated fraction if given)."""
-    head = (f"{'SAE':<30} {'arch':<10} {'tok':<4} {'d_sae':>6} {'k/λ':>6} {'NMSE':>8} {'expl.var':>8} {'L0':>7} "
-            f"{'dead':>6} {'CE added':>9}")
+    """The end-of-run table (tabulate, full SAE names): held-out NMSE, explained variance, L0, dead latents,
+    CE added and CE recovered per SAE (blank where not measured), and the unigram-activated latent fraction
+    if given. Values are the point estimates of ``eval.json``."""
+    from tabulate import tabulate
+
+    def num(v, fmt):
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, fmt)
+
+    head = ["SAE", "arch", "tok", "d_sae", "k/λ", "NMSE", "expl.var", "L0", "dead", "CE added", "CE recovered"]
     if unigram_fraction is not None:
-        head += f" {'unigram-latents':>15}"
-    lines = ["held-out evaluation", head, "-" * len(head)]
+        head.append("unigram-latents")
+    rows = []
     for r in results:
         kl = r.get("k") if r.get("k") is not None else r.get("sparsity_coeff")
-        kl = "" if kl is None else f"{kl:g}"
-        ce = r.get("ce_added")
-        line = (f"{r['name']:<30} {r['architecture'][:10]:<10} {'yes' if r['tokenized'] else 'no':<4} "
-                f"{r['d_sae']:>6} {kl:>6} {r['nmse']:>8.4f} {r['explained_variance']:>8.4f} {r['l0']:>7.2f} "
-                f"{r['dead_frac_heldout']:>6.1%} {'' if ce is None else f'{ce:9.4f}':>9}")
+        row = [r["name"], r["architecture"], "yes" if r["tokenized"] else "no", r["d_sae"], num(kl, "g"),
+               num(r.get("nmse"), ".4f"), num(r.get("explained_variance"), ".4f"), num(r.get("l0"), ".2f"),
+               num(r.get("dead_frac_heldout"), ".1%"), num(r.get("ce_added"), ".4f"), num(r.get("ce_recovered"), ".3f")]
         if unigram_fraction is not None:
-            frac = unigram_fraction.get(r["name"], math.nan)
-            line += f" {frac:>15.1%}"
-        lines.append(line)
-    return "\n".join(lines)
+            row.append(num(unigram_fraction.get(r["name"], math.nan), ".1%"))
+        rows.append(row)
+    return "held-out evaluation\n" + tabulate(rows, head, tablefmt="simple", disable_numparse=True,
+                                              colalign=("left", "left", "left") + ("right",) * (len(head) - 3))

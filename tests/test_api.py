@@ -141,3 +141,64 @@ def test_load_sae_roundtrip_and_group_readable(tiny_lm, tmp_path):
         torch.testing.assert_close(back.reconstruct(x, t), sae.reconstruct(x, t))
     with pytest.raises(FileNotFoundError):
         load_sae(tmp_path)
+
+
+def test_export_metadata_and_tsae_lookup(tmp_path, capsys):
+    """SAELens metadata is complete and a tokenized export's lookup loader restores tsae's reconstruction."""
+    import json
+
+    from pipeline.export import export_command, tsae_lookup
+    from tests.test_export import D, V, random_sae
+
+    sae = random_sae("topk", tokenized=True, rows=7)
+    sae.params.model = "SmolLM2-135M-Instruct"
+    sae.params.extra = {"cache_meta": {"context_size": 256, "prepend_bos": True, "dataset": {"name": "python3-doc"}}}
+    sae.save(tmp_path / "saes" / "tok")
+    random_sae("relu").save(tmp_path / "saes" / "plain")
+    export_command(tmp_path / "saes", tmp_path / "out")
+    printed = capsys.readouterr().out
+    assert "tok" in printed and "OUTSIDE SAELens' decode()" in printed
+    assert printed.count("OUTSIDE") == 1  # the plain SAE's export says nothing about a lookup
+    meta = json.loads((tmp_path / "out" / "tok" / "cfg.json").read_text())["metadata"]
+    assert meta["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (meta["context_size"], meta["prepend_bos"], meta["dataset_path"]) == (256, True, "python3-doc")
+    assert meta["tsae"]["lookup"]["file"] == "tsae_lookup.safetensors" and "tsae_lookup" in meta["tsae"]["lookup"]["loader"]
+    assert (tmp_path / "out" / "tok" / "sae_weights.safetensors").stat().st_mode & 0o040  # group-readable
+    lookup = tsae_lookup(tmp_path / "out" / "tok")
+    x, t = torch.randn(6, D), torch.randint(0, V, (6,))
+    with torch.no_grad():
+        sae_part = sae.decode_sae(sae.encode(x)) + sae.b_dec  # no lookup term: what SAELens computes
+        torch.testing.assert_close(sae_part + lookup(t), sae.reconstruct(x, t))
+    with pytest.raises(FileNotFoundError):
+        tsae_lookup(tmp_path / "out" / "plain")
+
+
+def test_summary_table_full_names_and_ce_recovered():
+    from stages.train import format_table
+
+    long = "matryoshka_batchtopk-tok-4608-k32-s1"
+    rows = [dict(name=long, architecture="matryoshka_batchtopk", tokenized=True, d_sae=4608, k=32, nmse=0.1234,
+                 explained_variance=0.88, l0=31.9, dead_frac_heldout=0.01, ce_added=0.0512, ce_recovered=0.9731),
+            dict(name="relu", architecture="relu", tokenized=False, d_sae=64, k=None, sparsity_coeff=5.0, nmse=0.3,
+                 explained_variance=0.7, l0=12.0, dead_frac_heldout=0.0)]
+    out = format_table(rows)
+    lines = out.splitlines()
+    assert long in out and "matryoshka_batchtopk " in out and "CE recovered" in lines[1]
+    assert "0.973" in out
+    head, data = lines[1], lines[3:]
+    col = head.index("NMSE") + len("NMSE")  # right-aligned numeric columns end where their header ends
+    assert data[0][:col].endswith("0.1234") and data[1][:col].endswith("0.3000")
+    assert data[1].rstrip().endswith("0.0%")  # no CE measured: blank CE cells, nothing misaligned after them
+
+
+def test_cache_ls_looks_into_subfolders(tmp_path):
+    from click.testing import CliRunner
+
+    import cli
+    from stages import harvest
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path, f"harvest.cache_dir={tmp_path / 'runs' / 'exp1' / 'cache'}", "harvest.n_tokens=640")
+    path = harvest.run(cfg)["path"]
+    r = CliRunner().invoke(cli.main, ["cache", "ls", str(tmp_path / "runs")])
+    assert r.exit_code == 0 and "exp1" in r.output and "complete" in r.output, r.output
