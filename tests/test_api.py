@@ -202,3 +202,28 @@ def test_cache_ls_looks_into_subfolders(tmp_path):
     path = harvest.run(cfg)["path"]
     r = CliRunner().invoke(cli.main, ["cache", "ls", str(tmp_path / "runs")])
     assert r.exit_code == 0 and "exp1" in r.output and "complete" in r.output, r.output
+
+
+def test_tsae_console_script_is_the_cli():
+    """pyproject's [project.scripts] tsae resolves to cli.py's group with every command; `python -m tsae` too."""
+    import importlib
+    import shutil
+    import tomllib
+    from pathlib import Path
+
+    from click.testing import CliRunner
+
+    root = Path(__file__).resolve().parents[1]
+    target = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["tsae"]
+    module, attr = target.split(":")
+    main = getattr(importlib.import_module(module), attr)
+    r = CliRunner().invoke(main, ["--help"], prog_name="tsae")
+    assert r.exit_code == 0
+    for cmd in ("harvest", "train", "analyze", "run", "export", "cache"):
+        assert f"  {cmd} " in r.output, r.output
+    out = subprocess.run([sys.executable, "-m", "tsae", "--help"], capture_output=True, text=True, cwd=root)
+    assert out.returncode == 0 and "Usage: tsae" in out.stdout
+    exe = shutil.which("tsae")
+    if exe and Path(exe).resolve().parent == Path(sys.executable).resolve().parent:  # installed (make install)
+        out = subprocess.run([exe, "--help"], capture_output=True, text=True)
+        assert out.returncode == 0 and "harvest" in out.stdout
