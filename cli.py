@@ -23,8 +23,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.corpus import DatasetLoadError
     from pipeline.export import ExportError
     from pipeline.models import ModelLoadError
+    from pipeline.tracking import TrackingError
 
-    return (CacheError, ConfigError, DatasetLoadError, ModelLoadError, ExportError, FileNotFoundError)
+    return (CacheError, ConfigError, DatasetLoadError, ModelLoadError, ExportError, TrackingError, FileNotFoundError)
 
 
 def _interrupted() -> type[BaseException]:

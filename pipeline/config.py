@@ -250,6 +250,11 @@ class TrainConfig:
     dead_after_tokens: int = 100_000
     """A latent counts as dead when it has not fired for this many training tokens."""
     device: str = "auto"
+    wandb: bool = False
+    """Also log the training metrics and the final evaluation to Weights & Biases (needs the ``wandb``
+    extra; ``WANDB_MODE=offline`` works without a network)."""
+    wandb_project: str = "tsae"
+    """The wandb project of those runs (the run is named after ``out_dir``)."""
 
     def validate(self) -> None:
         _positive(self, "batch_size", "buffer_tokens", "lr", "n_epochs", "log_every", "dead_after_tokens")

@@ -35,7 +35,7 @@ HELDOUT_TOKENS = 65_536
 """Held-out tokens for the final evaluation (the periodic log uses its first 4096)."""
 CHECKPOINT = "checkpoint"
 RUN_KEYS_IGNORED_FOR_RESUME = ("resume", "checkpoint_every", "device", "workers", "scheduler", "log_every",
-                               "ce_every", "ce_eval_seqs", "ce_autocast", "compile")
+                               "ce_every", "ce_eval_seqs", "ce_autocast", "compile", "wandb", "wandb_project")
 """[train] keys that may change between an interrupted run and its resumption."""
 
 
@@ -179,6 +179,12 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     click.echo(f"train: {len(specs)} SAE(s) on {hook} of {cache.path}: {total_steps} steps x {t.batch_size} tokens "
                f"({reader.tokens_per_epoch:,} training tokens/epoch, {len(xh):,} held out), input scale "
                f"{scale:.4g}, {precision} on {dev}")
+    tracker = None
+    if t.wandb:  # one wandb run per process: a dask group run logs its own SAEs under its own run name
+        from pipeline.tracking import WandbLogger
+
+        run_name = Path(t.out_dir).name + ("" if only is None else f"-{specs[0].name}")
+        tracker = WandbLogger(t.wandb_project, run_name, json.loads(json.dumps(asdict(t), default=str)))
     t0 = time.perf_counter()
     with _signals() as stop, tqdm(total=total_steps, initial=trainer.step_count, unit="step", desc="train",
                                   disable=not progress) as bar:
@@ -201,6 +207,8 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
                         if n in ce_now:
                             row["heldout_ce_added"] = ce_now[n]["ce_added"]
                         logs[n].append(row)
+                    if tracker is not None:
+                        tracker.log(k, {n: logs[n][-1] for n in step_metrics})
                     bar.set_postfix({n: f"{m['nmse']:.3f}" for n, m in step_metrics.items()})
                 if t.checkpoint_every and k % t.checkpoint_every == 0 and k < total_steps:
                     ckpt.save(trainer, logs)
@@ -255,6 +263,9 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     (out_dir / fname).write_text(json.dumps(summary, indent=2))
     if only is None:
         plot_training_curves(logs, out_dir / "training_curves.png")
+    if tracker is not None:
+        tracker.summary(results)
+        tracker.finish()
     ckpt.remove()
     return summary
 

@@ -227,3 +227,57 @@ def test_tsae_console_script_is_the_cli():
     if exe and Path(exe).resolve().parent == Path(sys.executable).resolve().parent:  # installed (make install)
         out = subprocess.run([exe, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "harvest" in out.stdout
+
+
+def test_wandb_logs_the_training_metrics(tiny_cache, tmp_path, monkeypatch):
+    """train.wandb = true logs every metrics.jsonl row (as <name>/<metric>) and the final evaluation; checked
+    through a fake wandb module that records the calls (no network, no wandb service process)."""
+    import json
+    import types
+
+    from stages import train
+    from tests.conftest import make_config
+
+    calls = {"init": [], "log": [], "summary": {}, "finished": 0}
+
+    class Run:
+        summary = calls["summary"]
+
+        def log(self, data, step):
+            calls["log"].append((step, data))
+
+        def finish(self):
+            calls["finished"] += 1
+
+    fake = types.SimpleNamespace(init=lambda **kw: calls["init"].append(kw) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg, cache = tiny_cache
+    from pathlib import Path
+
+    cache_dir = Path(cfg.harvest.cache_dir)
+    monkeypatch.chdir(cache_dir.parent)  # a relative cache path in the config must become absolute in cfg.json
+    cfg = make_config(tmp_path, f"harvest.cache_dir={cache_dir.name}", f"harvest.model={cache.meta['model']}",
+                      "train.n_epochs=0.5", "train.ce_eval_seqs=0", "train.wandb=true", "train.wandb_project=p")
+    summary = train.run(cfg, progress=False)
+    saved = json.loads((tmp_path / "saes" / summary["results"][0]["name"] / "cfg.json").read_text())["extra"]
+    assert saved["cache"] == str(cache_dir.resolve()) and saved["cache_meta"]["context_size"] == cache.context_size
+    assert calls["init"][0]["project"] == "p" and calls["finished"] == 1
+    for r in summary["results"]:
+        rows = [json.loads(line) for line in open(tmp_path / "saes" / r["name"] / "metrics.jsonl")]
+        logged = [(s, d) for s, d in calls["log"] if f"{r['name']}/nmse" in d]
+        assert [s for s, _ in logged] == [row["step"] for row in rows]
+        assert all(math.isclose(d[f"{r['name']}/heldout_nmse"], row["heldout_nmse"]) for (_, d), row in zip(logged, rows))
+        assert math.isclose(calls["summary"][f"{r['name']}/final_nmse"], r["nmse"])
+
+
+def test_wandb_missing_is_a_clear_error(tiny_cache, tmp_path, monkeypatch):
+    from pipeline.tracking import TrackingError
+    from stages import train
+    from tests.conftest import make_config
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb → ImportError
+    cfg, cache = tiny_cache
+    cfg = make_config(tmp_path, f"harvest.cache_dir={cfg.harvest.cache_dir}", f"harvest.model={cache.meta['model']}",
+                      "train.n_epochs=0.1", "train.ce_eval_seqs=0", "train.wandb=true")
+    with pytest.raises(TrackingError, match="pip install"):
+        train.run(cfg, progress=False)
