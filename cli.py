@@ -24,8 +24,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.export import ExportError
     from pipeline.models import ModelLoadError
     from stages.train import TrainingDiverged
+    from pipeline.tracking import TrackingError
 
-    return (CacheError, ConfigError, DatasetLoadError, ModelLoadError, ExportError, TrainingDiverged, OSError)
+    return (CacheError, ConfigError, DatasetLoadError, ModelLoadError, ExportError, TrainingDiverged, TrackingError,
+            OSError)
 
 
 DEBUG = {"on": os.environ.get("TSAE_DEBUG", "") not in ("", "0")}
@@ -110,6 +112,10 @@ config_arg = click.argument("config", type=click.Path(dir_okay=False))
 def main(debug: bool) -> None:
     """tsae: sparse autoencoders (plain and tokenized) on language-model activations."""
     DEBUG["on"] = debug or os.environ.get("TSAE_DEBUG", "") not in ("", "0")
+
+    from pipeline.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # the command's process only; importing or calling the library never does this
 
 
 @main.command()
@@ -219,11 +225,11 @@ def cache() -> None:
 @click.argument("root", required=False)
 @_guard
 def cache_ls(root: str | None) -> None:
-    """Caches under ROOT (default: $TSAE_CACHE_ROOT or runs/caches)."""
+    """Caches under ROOT and its subfolders (default: $TSAE_CACHE_ROOT or runs/caches)."""
     from pipeline.cache import is_locked, list_caches
 
     root = root or os.environ.get("TSAE_CACHE_ROOT") or "runs/caches"
-    caches = list_caches(root)
+    caches = list_caches(root, recursive=True)
     if not caches:
         click.echo(f"no caches under {root}")
         return

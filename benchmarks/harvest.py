@@ -56,7 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 # As cli.py: transparent huge pages for large CPU tensors unless the environment says otherwise
-# (load_model also makes glibc keep freed memory: pipeline.cpu_memory).
+# (and glibc keeps freed memory, as the tsae command sets it: pipeline.cpu_memory, called in main()).
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import numpy as np  # noqa: E402
@@ -186,6 +186,9 @@ def timed_writer(path: str, meta: dict) -> tuple[CacheWriter, float]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    from pipeline.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # as the tsae command does
     torch.set_grad_enabled(False)
 
     lm = load_model(args.model, args.device, args.model_dtype)

@@ -511,6 +511,9 @@ def main() -> None:
     ap.add_argument("--peers", default="", help="results.jsonl of run_peers.sh on this host (default: the "
                     "reference host's numbers, results-2026-11-22.txt)")
     args = ap.parse_args()
+    from pipeline.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # as the tsae command does (training no longer sets it itself)
     args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.n_multi = args.n_multi if args.n_multi is not None else (2 if args.quick else 4)

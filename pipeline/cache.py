@@ -804,20 +804,32 @@ def cache_path(root: str, model: str, fp: str) -> str:
     return f"{root.rstrip('/')}/{slug}-{fp}"
 
 
-def list_caches(root: str) -> list[Cache]:
-    """Every tsae cache directly under ``root`` (a path or fsspec URL), sorted by path; [] if none."""
+def list_caches(root: str, recursive: bool = False, max_depth: int = 6) -> list[Cache]:
+    """Every tsae cache directly under ``root`` (a path or fsspec URL), sorted by path; [] if none.
+
+    recursive: also look in subfolders that are not caches themselves, down to ``max_depth`` levels
+    (hidden folders skipped); a cache's own folders are never searched.
+    """
     fs, base = fsspec.core.url_to_fs(root)
     if not fs.exists(base):
         return []
     proto = root.split("://", 1)[0] + "://" if "://" in root else ""
     out = []
-    for entry in sorted(fs.ls(base, detail=False)):
-        path = proto + entry if proto and not entry.startswith(proto) else entry
-        try:
-            out.append(Cache.open(path))
-        except CacheError:
-            continue
-    return out
+    level, depth = [base], 0
+    while level and depth < (max_depth if recursive else 1):
+        nxt = []
+        for folder in level:
+            for entry in sorted(fs.ls(folder, detail=True), key=lambda e: e["name"]):
+                name = entry["name"]
+                if entry.get("type") != "directory" or name.rstrip("/").rsplit("/", 1)[-1].startswith("."):
+                    continue
+                path = proto + name if proto and not name.startswith(proto) else name
+                try:
+                    out.append(Cache.open(path))
+                except CacheError:
+                    nxt.append(name)
+        level, depth = nxt, depth + 1
+    return sorted(out, key=lambda c: str(c.path))
 
 
 def find_cache(root: str, model: str, hooks: list[str], context_size: int, dataset: str, dtype: str) -> str:

@@ -299,6 +299,11 @@ class TrainConfig:
     training tokens. 0 = Gao et al. 2024's 10M when the run sees at least 4 × 10M tokens, else a quarter of
     the run's tokens (with a warning saying so)."""
     device: str = "auto"
+    wandb: bool = False
+    """Also log the training metrics and the final evaluation to Weights & Biases (needs the ``wandb``
+    extra; ``WANDB_MODE=offline`` works without a network)."""
+    wandb_project: str = "tsae"
+    """The wandb project of those runs (the run is named after ``out_dir``)."""
 
     def validate(self) -> None:
         _positive(self, "batch_size", "buffer_tokens", "lr", "n_epochs", "log_every", "eval_tokens",

@@ -1,4 +1,5 @@
-"""Allocator tuning for CPU work: one place, used by the harvest (a CPU model) and training (CPU SAEs)."""
+"""Allocator tuning for CPU work, for programs to opt into: the ``tsae`` command (``cli.py``), the harvest's
+dask workers and the benchmarks call it; library calls never change the process's allocator."""
 
 from __future__ import annotations
 

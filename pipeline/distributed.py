@@ -16,6 +16,7 @@ import torch
 import zarr
 
 from pipeline.cache import _to_host, check_storable, chunk_checksum, store_path
+from pipeline.cpu_memory import keep_freed_memory
 from pipeline.models import LM, load_model, run_hooks, unigram_activations
 
 _MODELS: dict[tuple, LM] = {}
@@ -38,6 +39,8 @@ def worker_model(model: str, model_dtype: str, bos_token: str, sep_token: str) -
     """The process-wide model for these settings (loaded once per worker process)."""
     key = (model, model_dtype, bos_token, sep_token)
     if key not in _MODELS:
+        if _worker_device() == "cpu":
+            keep_freed_memory()  # a harvest worker process: the cli's allocator setting (pipeline/cpu_memory.py)
         _MODELS[key] = load_model(model, _worker_device(), model_dtype, bos_token, sep_token)
     return _MODELS[key]
 

@@ -37,7 +37,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from pipeline.saes.base import CONFIG_FILE, WEIGHTS_FILE, SAE, SAEParams, load_sae
+from pipeline.saes.base import CONFIG_FILE, WEIGHTS_FILE, SAE, SAEParams, honor_umask
+from pipeline.saes.registry import load_sae
 
 SAELENS_VERSION = "6.54.12"
 """The SAELens release whose format this writes and against which exports are checked; written as
@@ -47,6 +48,58 @@ SAELENS_CONFIG_FILE = "cfg.json"
 LOOKUP_FILE = "tsae_lookup.safetensors"
 """Tokenized SAEs only: ``W_lookup`` [rows, d_in] and ``lookup_index`` int64 [d_vocab]."""
 LOOKUP_FORMULA = "x_hat = sae.decode(sae.encode(x)) + W_lookup[lookup_index[token]]"
+
+
+HF_MODEL_IDS = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+"""tsae model names that are not Hugging Face ids → the hub id of the same model. The embedded SmolLM2 is
+that model's Q4_1 GGUF dequantized, so its activations are close to, not equal to, the hub weights'."""
+
+
+def hf_model_id(name: str) -> str:
+    """The Hugging Face id for a tsae model name (:data:`HF_MODEL_IDS`, else the name itself: hub ids and
+    local folders pass through; the random ``tiny-*`` test models have none and keep their tsae name)."""
+    return HF_MODEL_IDS.get(name, name)
+
+
+def run_metadata(params: SAEParams) -> dict[str, Any]:
+    """``context_size``, ``prepend_bos``, ``dataset_path`` of the run that trained an SAE (SAELens metadata).
+
+    Read from ``params.extra["cache_meta"]`` (written by the train stage), else from the cache at
+    ``params.extra["cache"]`` when it can still be opened; None where unknown.
+    """
+    meta = dict(params.extra.get("cache_meta") or {})
+    if not meta and params.extra.get("cache"):
+        try:
+            from pipeline.cache import Cache
+
+            meta = Cache.open(params.extra["cache"]).meta
+        except Exception:  # the cache may be gone or elsewhere: the metadata is then unknown
+            meta = {}
+    ds = meta.get("dataset")
+    return {"context_size": meta.get("context_size"), "prepend_bos": meta.get("prepend_bos"),
+            "dataset_path": ds.get("name") if isinstance(ds, dict) else ds}
+
+
+def tsae_lookup(folder: str | Path, device: str | torch.device = "cpu") -> Callable[[Tensor], Tensor]:
+    """For SAELens users of a tokenized export: load ``folder/tsae_lookup.safetensors`` and return
+    ``lookup(token_ids) -> W_lookup[lookup_index[token_ids]]`` (float32 [..., d_in] for int token ids [...]).
+
+    The tsae reconstruction is ``sae.decode(sae.encode(x)) + lookup(token_ids)`` with the SAELens SAE
+    loaded from the same folder; SAELens' own decode omits the second term. Raises FileNotFoundError
+    when the folder has no lookup file (a plain SAE's export).
+    """
+    from safetensors.torch import load_file
+
+    path = Path(folder) / LOOKUP_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {folder} is not a tokenized tsae export")
+    t = load_file(path, device=str(device))
+    W, index = t["W_lookup"], t["lookup_index"]
+
+    def lookup(token_ids: Tensor) -> Tensor:
+        return W[index[token_ids.to(index.device, torch.int64)]]
+
+    return lookup
 
 
 class ExportError(ValueError):
@@ -191,6 +244,7 @@ def saelens_config(params: SAEParams, sl: SAELensTensors, *, has_lookup: bool, d
     SAE's parameters, its inference rule and, for tokenized SAEs, the lookup file and formula)."""
     tsae: dict[str, Any] = {
         "architecture": params.architecture,
+        "model": params.model,
         "params": asdict(params),
         "source": source,
         "inference": INFERENCE_RULES[params.architecture],
@@ -203,8 +257,12 @@ def saelens_config(params: SAEParams, sl: SAELensTensors, *, has_lookup: bool, d
             "tensors": {"W_lookup": "float32 [rows, d_in]", "lookup_index": "int64 [d_vocab], token id -> row"},
             "formula": LOOKUP_FORMULA,
             "note": "SAELens does not read this file: its encode() equals tsae's (the encoder needs no token), "
-                    "its decode() omits the per-token term.",
+                    "its decode() omits the per-token term, so sae_lens reconstructions of this SAE are wrong "
+                    "unless you add lookup(token_ids); from pipeline.export import tsae_lookup "
+                    "(or index the two tensors yourself).",
+            "loader": "pipeline.export.tsae_lookup(folder) -> lookup(token_ids)",
         }
+    run = run_metadata(params)
     return {
         "d_in": params.d_model,
         "d_sae": params.d_sae,
@@ -218,8 +276,11 @@ def saelens_config(params: SAEParams, sl: SAELensTensors, *, has_lookup: bool, d
         "metadata": {
             "sae_lens_version": SAELENS_VERSION,
             "sae_lens_training_version": None,
-            "model_name": params.model,
+            "model_name": hf_model_id(params.model),
             "hook_name": params.hook,
+            "context_size": run["context_size"],
+            "prepend_bos": run["prepend_bos"],
+            "dataset_path": run["dataset_path"],
             "tsae": tsae,
         },
     }
@@ -250,8 +311,10 @@ def export_saelens(sae_or_folder: SAE | str | Path, out_folder: str | Path) -> P
     cfg = saelens_config(params, sl, has_lookup=lookup is not None, dropped=dropped, source=source)
     out.mkdir(parents=True, exist_ok=True)
     save_file(sl.tensors, out / SAELENS_WEIGHTS_FILE)
+    honor_umask(out / SAELENS_WEIGHTS_FILE)
     if lookup is not None:
         save_file(lookup, out / LOOKUP_FILE, metadata={"formula": LOOKUP_FORMULA})
+        honor_umask(out / LOOKUP_FILE)
     elif (out / LOOKUP_FILE).exists():
         (out / LOOKUP_FILE).unlink()  # a stale lookup from an earlier export to the same folder
     (out / SAELENS_CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
@@ -290,9 +353,12 @@ def export_command(sae_folder: str | Path, out: str | Path) -> list[Path]:
             continue
         cfg = json.loads((o / SAELENS_CONFIG_FILE).read_text())
         tsae = cfg["metadata"]["tsae"]
-        extra = f" + {LOOKUP_FILE} (not read by SAELens)" if tsae["lookup"] else ""
         click.echo(f"export: {s} ({tsae['architecture']}) -> {o} (SAELens {cfg['architecture']!r}, "
-              f"d_in {cfg['d_in']}, d_sae {cfg['d_sae']}){extra}")
+                   f"d_in {cfg['d_in']}, d_sae {cfg['d_sae']})")
+        if tsae["lookup"]:
+            click.echo(f"  tokenized: the per-token lookup is in {o / LOOKUP_FILE}, OUTSIDE SAELens' decode(); "
+                       "SAELens alone reconstructs wrongly. x_hat = sae.decode(sae.encode(x)) + "
+                       "tsae_lookup(folder)(token_ids) (pipeline.export.tsae_lookup; README, 'Export to SAELens')")
         done.append(o)
     if failed:
         raise ExportError(f"{len(failed)} of {len(jobs)} SAE(s) not exported ({len(done)} were): " + "; ".join(failed))

@@ -31,8 +31,6 @@ from typing import Any
 
 import torch
 
-from pipeline.cpu_memory import keep_freed_memory
-
 log = logging.getLogger(__name__)
 
 EMBEDDED_MODEL = "SmolLM2-135M-Instruct"
@@ -262,8 +260,6 @@ def load_model(name: str, device: str | torch.device = "auto", dtype: str = "flo
     from transformers import AutoTokenizer
 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
-    if dev.type == "cpu":
-        keep_freed_memory()  # a CPU forward's temporaries would otherwise page-fault batch after batch
     folder, source = _resolve_source(name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -37,7 +37,6 @@ from torch import Tensor
 from torch.optim.adam import adam as adam_update
 
 from pipeline import metrics as M
-from pipeline.cpu_memory import keep_freed_memory
 from pipeline.saes.base import SAE
 
 
@@ -288,8 +287,6 @@ class MultiTrainer:
         self.members: list[Member] = []
         self.step_count, self.tokens_seen = 0, 0
         sched = lr_lambda(opts.warmup_steps, opts.total_steps, opts.lr_final_frac, opts.lr_schedule, opts.lr_decay_frac)
-        if any(p.device.type == "cpu" for sae, *_ in saes.values() for p in sae.parameters()):
-            keep_freed_memory()
         for name, (sae, lr, lookup_lr, *more) in saes.items():
             mo = more[0] if more else MemberOptions()
             named = dict(sae.named_parameters())

@@ -46,7 +46,7 @@ THRESHOLD_TRAVEL = 10.0
 CHECKPOINT = "checkpoint"
 RUN_KEYS_IGNORED_FOR_RESUME = ("resume", "checkpoint_every", "device", "workers", "scheduler", "log_every",
                                "ce_every", "ce_eval_seqs", "ce_autocast", "compile", "eval_tokens",
-                               "bootstrap_samples")
+                               "bootstrap_samples", "wandb", "wandb_project")
 """[train] keys that may change between an interrupted run and its resumption."""
 
 
@@ -239,6 +239,11 @@ def token_counts(cache: Cache, chunks: list[int]) -> torch.Tensor:
     return torch.from_numpy(counts.astype(np.float64))
 
 
+def cache_url(path: str) -> str:
+    """A cache location that stays valid from another working directory: URLs as they are, local paths absolute."""
+    return str(path) if "://" in str(path) else str(Path(path).resolve())
+
+
 def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> dict:
     """Train the SAEs of ``cfg`` (or just those named in ``only``) on ``cfg.cache_dir``.
 
@@ -318,6 +323,12 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     click.echo(f"train: {len(specs)} SAE(s) on {hook} of {cache.path}: {total_steps} steps x {t.batch_size} tokens "
                f"({reader.tokens_per_epoch:,} training tokens/epoch, {len(xh):,} held out), input scale "
                f"{scale:.4g}, {precision} on {dev}")
+    tracker = None
+    if t.wandb:  # one wandb run per process: a dask group run logs its own SAEs under its own run name
+        from pipeline.tracking import WandbLogger
+
+        run_name = Path(t.out_dir).name + ("" if only is None else f"-{specs[0].name}")
+        tracker = WandbLogger(t.wandb_project, run_name, json.loads(json.dumps(asdict(t), default=str)))
     t0 = time.perf_counter()
     with _signals() as stop, tqdm(total=total_steps, initial=trainer.step_count, unit="step", desc="train",
                                   disable=not progress) as bar:
@@ -341,7 +352,9 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
                         if n in ce_now:
                             row["heldout_ce_added"] = ce_now[n]["ce_added"]
                         logs[n].append(row)
-                    bar.set_postfix({n[:14]: f"{m['nmse']:.3f}" for n, m in step_metrics.items()})
+                    if tracker is not None:
+                        tracker.log(k, {n: logs[n][-1] for n in step_metrics})
+                    bar.set_postfix({n: f"{m['nmse']:.3f}" for n, m in step_metrics.items()})
                 if t.checkpoint_every and k % t.checkpoint_every == 0 and k < total_steps:
                     check_finite(trainer, k)
                     ckpt.save(trainer, logs)
@@ -356,15 +369,25 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     seconds = time.perf_counter() - t0
     check_finite(trainer, trainer.step_count)
 
-    final = trainer.evaluate(xh, th, seq=sh, n_seq=n_eval_seq)
-    ce_final = ce.run(trainer) if ce else {}
+    with tqdm(total=2 if ce else 1, desc="final evaluation", unit="phase", disable=not progress) as bar:
+        bar.set_postfix_str(f"NMSE/L0 on {len(xh):,} held-out tokens")
+        final = trainer.evaluate(xh, th, seq=sh, n_seq=n_eval_seq)
+        bar.update(1)
+        if ce:
+            bar.set_postfix_str(f"CE on {len(ce.tokens)} held-out sequences")
+            ce_final = ce.run(trainer, progress=progress)
+            bar.update(1)
+        else:
+            ce_final = {}
     intervals = heldout_intervals(final, ce_final, t.bootstrap_samples, t.seed)
     results = []
     for s in specs:
         n = s.name
         folder = out_dir / n
         sae = trainer.export(n, scale)
-        sae.params.extra = {"cache": str(cache.path), "cache_fingerprint": cache.fingerprint,
+        sae.params.extra = {"cache": cache_url(cache.path), "cache_fingerprint": cache.fingerprint, "cache_meta": {
+                                k: cache.meta.get(k) for k in ("context_size", "prepend_bos", "bos_token_id",
+                                                               "dataset")},
                             "input_scale_folded": scale, "tokens_seen": trainer.tokens_seen,
                             "train": dict(asdict(s.cfg), name=n, d_sae=s.params.d_sae, seed=s.seed, lr=s.lr,
                                           init_seed=s.init_seed, init_like=s.init_like),
@@ -389,7 +412,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         save_per_seq(folder / PER_SEQ_FILE, final, ce_final, n)
         (folder / "eval.json").write_text(json.dumps(ev, indent=2))
         results.append(ev)
-    summary = {"out_dir": str(out_dir), "hook": hook, "cache": str(cache.path), "seconds": seconds,
+    summary = {"out_dir": str(out_dir), "hook": hook, "cache": cache_url(cache.path), "seconds": seconds,
                "tokens_per_s": (trainer.tokens_seen / max(seconds, 1e-9)), "results": results,
                "interval_method": intervals["method"],
                "paired": paired_twins(specs, final, ce_final, t.bootstrap_samples, t.seed)}
@@ -397,6 +420,9 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     (out_dir / fname).write_text(json.dumps(summary, indent=2))
     if only is None:
         plot_training_curves(logs, out_dir / "training_curves.png")
+    if tracker is not None:
+        tracker.summary(results)
+        tracker.finish()
     ckpt.remove()
     return summary
 
@@ -529,15 +555,16 @@ class CEEvaluator:
         self.baseline: list | None = None  # clean activations and clean / zero-ablated CE: computed once
         self.last: tuple[int, dict] | None = None  # (step, result) of the latest run
 
-    def run(self, trainer: MultiTrainer) -> dict:
+    def run(self, trainer: MultiTrainer, progress: bool = False) -> dict:
         """:meth:`evaluate`, reusing the result when the trainer has not stepped since."""
         if self.last is None or self.last[0] != trainer.step_count:
-            self.last = (trainer.step_count, self.evaluate(trainer))
+            self.last = (trainer.step_count, self.evaluate(trainer, progress))
         return self.last[1]
 
-    def evaluate(self, trainer: MultiTrainer) -> dict:
+    def evaluate(self, trainer: MultiTrainer, progress: bool = False) -> dict:
         """{name: {ce_spliced, ce_added, ce_recovered}, "_clean", "_zero", "_n_seq", "_per_seq"} on the held-out
-        tokens (``_per_seq``: :func:`pipeline.evaluation.ce_losses`' per-sequence sums)."""
+        tokens (``_per_seq``: :func:`pipeline.evaluation.ce_losses`' per-sequence sums); ``progress``: a
+        tqdm bar over the CE batches."""
         from pipeline.evaluation import ce_losses
 
         def recon(sae: SAE):
@@ -553,7 +580,7 @@ class CEEvaluator:
             m.sae.eval()
         with autocast_context(self.device, self.autocast):
             res = ce_losses(self.lm, self.tokens, self.hook, {m.name: recon(m.sae) for m in trainer.members},
-                            exclude_bos=self.exclude_bos, progress=False, baseline=self.baseline)
+                            exclude_bos=self.exclude_bos, progress=progress, baseline=self.baseline)
         self.baseline = res["baseline"]
         return {**res["per_sae"], "_clean": res["ce_clean"], "_zero": res["ce_zero_ablated"], "_n_seq": res["n_seq"],
                 "_per_seq": res["per_seq"]}
@@ -667,6 +694,9 @@ def run_distributed(cfg: Config) -> dict:
 def _train_group(cfg: Config, names: list[str], index: int) -> dict:
     """Worker side of :func:`run_distributed`: pin a GPU when present, then train ``names``."""
 
+    from pipeline.cpu_memory import keep_freed_memory
+
+    keep_freed_memory()  # a worker process: the allocator setting the tsae command gives its own process
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if torch.cuda.is_available() and cfg.train.device in ("auto", "cuda"):
         dev = f"cuda:{index % torch.cuda.device_count()}"
@@ -675,44 +705,46 @@ def _train_group(cfg: Config, names: list[str], index: int) -> dict:
 
 
 def format_ci(v, ci, fmt: str) -> str:
-    """``v [lo, hi]`` in ``fmt``; just ``v`` without an interval, empty for None."""
-    if v is None:
+    """``v [lo, hi]`` in ``fmt``; just ``v`` without an interval, empty for None or NaN."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
         return ""
     return f"{v:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
 
 
 def format_table(results: list[dict], unigram_fraction: dict[str, float] | None = None,
                  paired: list[dict] | None = None) -> str:
-    """Fixed-width table of held-out NMSE / L0 / CE added per SAE with their 95% intervals (and the
-    unigram-activated fraction if given); then, with ``paired``, each tokenized − plain twin difference with
-    its paired 95% interval."""
-    head = (f"{'SAE':<30} {'arch':<10} {'tok':<4} {'d_sae':>6} {'k/λ':>6} {'NMSE [95% CI]':>26} {'expl.var':>8} "
-            f"{'L0 [95% CI]':>23} {'dead':>6} {'CE added [95% CI]':>26}")
+    """The end-of-run table (tabulate, full SAE names): held-out NMSE, explained variance, L0, dead latents,
+    CE added and CE recovered per SAE with their 95% intervals where ``eval.json`` has them (blank where not
+    measured), and the unigram-activated latent fraction if given; then, with ``paired``, each tokenized −
+    plain twin difference with its paired 95% interval."""
+    from tabulate import tabulate
+
+    head = ["SAE", "arch", "tok", "d_sae", "k/λ", "NMSE [95% CI]", "expl.var", "L0 [95% CI]", "dead",
+            "CE added [95% CI]", "CE recovered"]
     if unigram_fraction is not None:
-        head += f" {'unigram-latents':>15}"
-    lines = ["held-out evaluation", head, "-" * len(head)]
-    windows = set()
+        head.append("unigram-latents")
+    rows, windows = [], set()
     for r in results:
         kl = r.get("k") if r.get("k") is not None else r.get("sparsity_coeff")
-        kl = "" if kl is None else f"{kl:g}"
-        line = (f"{r['name']:<30} {r['architecture'][:10]:<10} {'yes' if r['tokenized'] else 'no':<4} "
-                f"{r['d_sae']:>6} {kl:>6} {format_ci(r['nmse'], r.get('nmse_ci95'), '.4f'):>26} "
-                f"{r['explained_variance']:>8.4f} {format_ci(r['l0'], r.get('l0_ci95'), '.2f'):>23} "
-                f"{r['dead_frac_heldout']:>6.1%} {format_ci(r.get('ce_added'), r.get('ce_added_ci95'), '.4f'):>26}")
+        row = [r["name"], r["architecture"], "yes" if r["tokenized"] else "no", r["d_sae"], format_ci(kl, None, "g"),
+               format_ci(r.get("nmse"), r.get("nmse_ci95"), ".4f"), format_ci(r.get("explained_variance"), None, ".4f"),
+               format_ci(r.get("l0"), r.get("l0_ci95"), ".2f"), format_ci(r.get("dead_frac_heldout"), None, ".1%"),
+               format_ci(r.get("ce_added"), r.get("ce_added_ci95"), ".4f"),
+               format_ci(r.get("ce_recovered"), None, ".3f")]
         windows.add(r.get("dead_window_heldout", r.get("heldout_tokens")))
         if unigram_fraction is not None:
-            frac = unigram_fraction.get(r["name"], math.nan)
-            line += f" {frac:>15.1%}"
-        lines.append(line)
+            row.append(format_ci(unigram_fraction.get(r["name"], math.nan), None, ".1%"))
+        rows.append(row)
+    lines = ["held-out evaluation", tabulate(rows, head, tablefmt="simple", disable_numparse=True,
+                                             colalign=("left", "left", "left") + ("right",) * (len(head) - 3))]
     if windows and None not in windows:
         lines.append(f"dead: no firing in {', '.join(f'{w:,}' for w in sorted(windows))} held-out tokens. "
                      "[95% CI]: percentile bootstrap over held-out sequences.")
     if paired:
-        lines += ["", "tokenized − plain, paired 95% CI (same held-out sequences, paired bootstrap)"]
-        head = f"{'tokenized SAE':<30} {'ΔNMSE':>28} {'ΔL0':>26} {'ΔCE added':>28}"
-        lines += [head, "-" * len(head)]
-        for p in paired:
-            lines.append(f"{p['tokenized']:<30} {format_ci(p.get('nmse_diff'), p.get('nmse_diff_ci95'), '+.4f'):>28} "
-                         f"{format_ci(p.get('l0_diff'), p.get('l0_diff_ci95'), '+.2f'):>26} "
-                         f"{format_ci(p.get('ce_added_diff'), p.get('ce_added_diff_ci95'), '+.4f'):>28}")
+        rows = [[p["tokenized"], format_ci(p.get("nmse_diff"), p.get("nmse_diff_ci95"), "+.4f"),
+                 format_ci(p.get("l0_diff"), p.get("l0_diff_ci95"), "+.2f"),
+                 format_ci(p.get("ce_added_diff"), p.get("ce_added_diff_ci95"), "+.4f")] for p in paired]
+        lines += ["", "tokenized − plain, paired 95% CI (same held-out sequences, paired bootstrap)",
+                  tabulate(rows, ["tokenized SAE", "ΔNMSE", "ΔL0", "ΔCE added"], tablefmt="simple",
+                           disable_numparse=True, colalign=("left", "right", "right", "right"))]
     return "\n".join(lines)

@@ -28,13 +28,14 @@ token order.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -609,8 +610,32 @@ class SAE(nn.Module):
         """x̂ = f · W_dec + b_dec + W_lookup[tokens]: [batch, d_model]."""
         return self.decode_sae(f) + self.b_dec + self.lookup(tokens)
 
+    def reconstruct(self, x: Tensor, tokens: Tensor | None = None) -> Tensor:
+        """x̂ = decode(encode(x), tokens) with inference semantics, for x [..., d_model] (any leading dims).
+
+        tokens: int64 token ids of the same leading shape as x (required when tokenized; ignored by a
+        plain SAE). Returns x̂ in x's shape and the SAE's dtype, computed without gradient bookkeeping
+        (wrap the call in ``torch.no_grad()`` for inference). Unlike ``sae(x, tokens)`` (a :class:`ForwardOutput` with the
+        training loss, and BatchTopK's batch-level selection while ``training``), this is what an
+        evaluation splices into the model. Raises ValueError on a last dim != d_model or missing tokens.
+        """
+        if x.shape[-1] != self.params.d_model:
+            raise ValueError(f"x has last dim {x.shape[-1]}, this SAE takes d_model = {self.params.d_model}")
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        t = None
+        if tokens is not None:
+            if tuple(tokens.shape) != tuple(lead):
+                raise ValueError(f"tokens shape {tuple(tokens.shape)} != x's leading shape {tuple(lead)}")
+            t = tokens.reshape(-1)
+        z = self.activate(self.pre_acts(flat))
+        return self.decode(z, t).reshape(*lead, self.params.d_model)
+
     def forward(self, x: Tensor, tokens: Tensor | None = None) -> ForwardOutput:
-        """Encode, decode, and the training loss of x [batch, d_model] (tokens [batch] if tokenized)."""
+        """Encode, decode, and the training loss of x [batch, d_model] (tokens [batch] if tokenized).
+
+        Returns a :class:`ForwardOutput` (``.x_hat``, ``.latents``, ``.mse``, ``.loss``); for x̂ alone
+        use :meth:`reconstruct`."""
         pre = self.pre_acts(x, _reuse=self.training)
         z = self.activate(pre)
         lookup = self.lookup(tokens)
@@ -709,8 +734,20 @@ class SAE(nn.Module):
         tensors = {k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous()
                    for k, v in self.state_dict().items()}
         save_file(tensors, folder / WEIGHTS_FILE)
+        honor_umask(folder / WEIGHTS_FILE)
         (folder / CONFIG_FILE).write_text(json.dumps(asdict(self.params), indent=2))
         return folder
+
+
+def honor_umask(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``open(path, "w")`` would have (0o666 minus the process umask).
+
+    safetensors' ``save_file`` writes through a private temporary file (mode 0600) that it renames into
+    place, so without this a saved SAE is readable by its owner alone whatever the umask says.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 @torch.no_grad()
@@ -730,26 +767,3 @@ def geometric_median(x: Tensor, iters: int = 100, eps: float = 1e-6) -> Tensor:
         if done:
             break
     return m
-
-
-def load_sae(folder: str | Path, device: str | torch.device = "cpu") -> SAE:
-    """Load an SAE saved by :meth:`SAE.save`; dispatches on ``cfg.json``'s ``architecture``.
-
-    Raises FileNotFoundError (missing files) or ValueError (unknown architecture or fields).
-    """
-    from pipeline.saes.registry import ARCHITECTURES
-
-    folder = Path(folder)
-    cfg_path = folder / CONFIG_FILE
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{folder} has no {CONFIG_FILE}: not a saved tsae SAE")
-    params = SAEParams.from_dict(json.loads(cfg_path.read_text()))
-    if params.architecture not in ARCHITECTURES:
-        raise ValueError(f"{folder}: unknown architecture {params.architecture!r}; known: {sorted(ARCHITECTURES)}")
-    sae = ARCHITECTURES[params.architecture](params)
-    state = load_file(folder / WEIGHTS_FILE)
-    missing, unexpected = sae.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in TRAINING_BUFFERS]
-    if missing or unexpected:
-        raise ValueError(f"{folder / WEIGHTS_FILE}: missing tensors {missing}, unexpected {unexpected}")
-    return sae.to(device).eval()
