@@ -178,7 +178,8 @@ def test_summary_table_full_names_and_ce_recovered():
 
     long = "matryoshka_batchtopk-tok-4608-k32-s1"
     rows = [dict(name=long, architecture="matryoshka_batchtopk", tokenized=True, d_sae=4608, k=32, nmse=0.1234,
-                 explained_variance=0.88, l0=31.9, dead_frac_heldout=0.01, ce_added=0.0512, ce_recovered=0.9731),
+                 explained_variance=0.88, l0=31.9, dead_frac_heldout=0.01, ce_added=0.0512, ce_recovered=0.9731,
+                 nmse_ci95=[0.1201, 0.1275]),
             dict(name="relu", architecture="relu", tokenized=False, d_sae=64, k=None, sparsity_coeff=5.0, nmse=0.3,
                  explained_variance=0.7, l0=12.0, dead_frac_heldout=0.0)]
     out = format_table(rows)
@@ -186,8 +187,8 @@ def test_summary_table_full_names_and_ce_recovered():
     assert long in out and "matryoshka_batchtopk " in out and "CE recovered" in lines[1]
     assert "0.973" in out
     head, data = lines[1], lines[3:]
-    col = head.index("NMSE") + len("NMSE")  # right-aligned numeric columns end where their header ends
-    assert data[0][:col].endswith("0.1234") and data[1][:col].endswith("0.3000")
+    col = head.index("NMSE [95% CI]") + len("NMSE [95% CI]")  # right-aligned columns end where their header ends
+    assert data[0][:col].endswith("0.1234 [0.1201, 0.1275]") and data[1][:col].endswith("0.3000")
     assert data[1].rstrip().endswith("0.0%")  # no CE measured: blank CE cells, nothing misaligned after them
 
 
