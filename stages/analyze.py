@@ -733,6 +733,7 @@ def run(cfg: Config, scheduler: str | None = None) -> dict:
             evals[n] = json.loads(ev.read_text())
         lg = dirs[n] / "metrics.jsonl"
         logs[n] = [json.loads(line) for line in open(lg)] if lg.is_file() else []
+    plots.register_saes({n: (s.params.architecture, bool(s.params.tokenized)) for n, s in saes.items()})
     ctx = Context(cfg, cache, hook, out, dev, saes, evals, logs, {n: dirs[n] for n in saes},
                   scheduler=scheduler or a.scheduler or None)
     sections, timings = [], {}
