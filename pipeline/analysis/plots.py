@@ -184,6 +184,23 @@ def generic_styles(labels: Iterable[str]) -> dict[str, SeriesStyle]:
                              MARKERS[i % len(MARKERS)]) for i, lab in enumerate(labels)}
 
 
+def _legend_proxy(h):
+    """A legend handle that shows what tells series apart: an error-bar series as its line and marker (no bars),
+    a step histogram as a line with its colour and line style (matplotlib would draw a plain solid box)."""
+    from matplotlib.container import ErrorbarContainer
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    if isinstance(h, ErrorbarContainer) and h.lines and h.lines[0] is not None:
+        return h.lines[0]
+    if isinstance(h, Patch) and not h.get_fill():
+        ls = h.get_linestyle()
+        if isinstance(ls, tuple) and (len(ls) != 2 or not ls[1]):
+            ls = "-"  # a dash pattern of None is a solid line
+        return Line2D([], [], color=h.get_edgecolor(), ls=ls, lw=max(h.get_linewidth(), 1.2))
+    return h
+
+
 def legend_outside(target, handles=None, labels=None, title: str | None = None, fontsize: float = 7, **kw):
     """A legend outside the plotting area, so it never covers data: to the right of an Axes, or of the whole
     Figure (one legend for all panels, duplicates removed). Long lists are split into columns. Returns it."""
@@ -194,11 +211,12 @@ def legend_outside(target, handles=None, labels=None, title: str | None = None, 
                 h, lab = ax.get_legend_handles_labels()
                 handles += h
                 labels += lab
-        uniq = dict(zip(labels, handles))
+        uniq = dict(zip(labels, [_legend_proxy(h) for h in handles]))
         ncol = max(1, -(-len(uniq) // 28))
         return target.legend(list(uniq.values()), list(uniq), loc="outside right upper", fontsize=fontsize,
                              title=title, title_fontsize=fontsize, ncol=ncol, **kw)
     h, lab = target.get_legend_handles_labels() if handles is None else (handles, labels)
+    h = [_legend_proxy(x) for x in h]
     ncol = max(1, -(-len(lab) // 24))
     return target.legend(h, lab, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
                          fontsize=fontsize, title=title, title_fontsize=fontsize, ncol=ncol, **kw)
@@ -253,16 +271,16 @@ def _artist_style(a) -> tuple | None:
 
 
 def series_styles(fig) -> list[tuple[str, str, tuple]]:
-    """Every labelled series of ``fig`` as (where, label, style): per Axes its legend entries (labelled artists),
-    and each figure legend's entries; style = (colour hex, line style, marker or scatter shape, hatch)."""
+    """Every labelled series of ``fig`` as (where, label, style): per Axes its labelled artists, the entries of its
+    legend (which may gather other axes' artists), and each figure legend's entries; style = (colour hex, line style, marker or scatter shape, hatch)."""
     out = []
     for i, ax in enumerate(fig.axes):
-        hs, ls = ax.get_legend_handles_labels()
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            out.append((f"axes {i}", lab, _artist_style(h)))
         leg = ax.get_legend()
         if leg is not None:
-            hs, ls = hs or leg.legend_handles, ls or [t.get_text() for t in leg.get_texts()]
-        for h, lab in zip(hs, ls):
-            out.append((f"axes {i}", lab, _artist_style(h)))
+            for h, t in zip(leg.legend_handles, leg.get_texts()):
+                out.append((f"legend of axes {i}", t.get_text(), _artist_style(h)))
     for j, leg in enumerate(fig.legends):
         for h, t in zip(leg.legend_handles, leg.get_texts()):
             out.append((f"legend {j}", t.get_text(), _artist_style(h)))

@@ -472,7 +472,7 @@ def plot_interpolation(curves: dict[str, StitchCurve], path):
     """MSE vs L0 from the smaller SAE (o) via novel latents added, then components swapped, to the larger (□)."""
     from pipeline.analysis.plots import generic_styles, legend_outside, subplots
 
-    fig, (ax, bx) = subplots(1, 2, figsize=(14, 4.2))
+    fig, (ax, bx) = subplots(1, 2, figsize=(16, 4.2))
     cx = bx.twinx()
     styles = generic_styles(curves)
     for i, (name, c) in enumerate(curves.items()):
@@ -489,8 +489,7 @@ def plot_interpolation(curves: dict[str, StitchCurve], path):
     ax.set(xlabel="L0", ylabel="MSE", title="SAE stitching: smaller (o) → larger (□)")
     bx.set(xlabel="step (dashed line: end of the novel latents)", ylabel="MSE (solid)", title="along the path")
     cx.set_ylabel("L0 (dotted)")
-    legend_outside(cx, handles=[*ax.get_legend_handles_labels()[0], *bx.get_legend_handles_labels()[0],
-                                *cx.get_legend_handles_labels()[0]],
-                   labels=[*ax.get_legend_handles_labels()[1], *bx.get_legend_handles_labels()[1],
-                           *cx.get_legend_handles_labels()[1]])
+    legend_outside(ax)
+    (hb, lb), (hc, lc) = bx.get_legend_handles_labels(), cx.get_legend_handles_labels()
+    legend_outside(cx, handles=[*hb, *hc], labels=[*lb, *lc])
     return _save(fig, path)
