@@ -100,7 +100,16 @@ def test_every_figure_of_the_tiny_analysis_has_distinct_series(tmp_path, monkeyp
         return orig(self, path, *a, **k)
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
-    analyze.run(cfg)
+    out = analyze.run(cfg)
+    # the report opens with the summary: the SAE table, then one headline per analysis
+    md = open(out["report"]).read()
+    heads = [line for line in md.splitlines() if line.startswith("## ") and line != "## Contents"]
+    assert heads[0] == "## Summary"
+    summary = md.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    assert "Held-out metrics of every SAE" in summary and "topk-tok" in summary and "CE recovered" in summary
+    assert summary.count("](#") >= len(cfg.analyze.analyses) - 1  # a linked headline per analysis
+    html = open(out["report_html"]).read()
+    assert html.index('id="summary"') < html.index('id="ngrams"')
     assert len(seen) >= 20, sorted(seen)  # every analysis drew its figures
     assert {"pareto_nmse.png", "l0_by_frequency.png", "positions_overall.png", "meta_sae.png"} <= set(seen)
     bad = {k: v for k, v in seen.items() if v}
