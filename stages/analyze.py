@@ -472,6 +472,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _add_logit_effects(ctx: Context, examples: dict) -> str:
+    """Attach each shown latent's top logit effects (W_dec · W_U) when the cache's LM loads; returns a sentence
+    saying what was done."""
+    from pipeline.analysis.browser import add_logit_effects
+
+    try:
+        W_U = ctx.lm.bridge.W_U.detach()
+    except Exception as e:  # noqa: BLE001 - any failure to load the LM only drops this optional column
+        return f"Logit effects not shown: the model could not be loaded ({type(e).__name__}: {e})."
+    for n, ex in examples.items():
+        add_logit_effects(ex, ctx.saes[n].W_dec.detach(), W_U)
+    return ("Logit effects: the tokens whose logits each latent's decoder direction raises / lowers most "
+            "(W_dec[i] · W_U, the model's unembedding, final layer norm ignored).")
+
+
 def section_browser(ctx: Context) -> Section:
     from pipeline.analysis.browser import top_examples, write_browser
 
@@ -481,13 +496,15 @@ def section_browser(ctx: Context) -> Section:
         examples[n] = top_examples(s, ctx.cache, ctx.hook, ctx.held_chunks, latents=a.browser_latents,
                                    k_examples=a.browser_examples, exclude_bos=ctx.cfg.train.exclude_bos,
                                    max_tokens=a.eval_tokens)
+    logit_note = _add_logit_effects(ctx, examples)
     write_browser(examples, ctx.tokenizer, ctx.out / "browser",
-                          header_lines=[f"Top-activating held-out examples at `{ctx.hook}`."])
+                  header_lines=[f"Top-activating held-out examples at `{ctx.hook}`.", logit_note])
     rows = [[n, ex.d_sae, ex.n_alive, len(ex.latents)] for n, ex in examples.items()]
     return Section("browser", "Feature browser: top-activating examples", [
         f"Static HTML: [browser/index.html](browser/index.html). For {a.browser_latents} latents per SAE (half the first "
         f"alive latents by index, half the most frequent), the {a.browser_examples} top-activating contexts among "
-        f"{a.eval_tokens:,} held-out tokens, with the token marked and its activation."],
+        f"{a.eval_tokens:,} held-out tokens, with the token marked and its activation; each latent's activation "
+        f"histogram; {logit_note[0].lower() + logit_note[1:]}"],
         [Table("Browser pages", ["SAE", "d_sae", "alive latents (held-out)", "latents shown"],
                rows)], [],
         {n: {"alive": ex.n_alive, "shown": len(ex.latents)} for n, ex in examples.items()})
