@@ -306,9 +306,13 @@ def duplicate_series(fig) -> list[tuple[str, str, str]]:
 # Figures shared by several analyses
 
 
-def plot_training_curves(logs: dict[str, list[dict]], path: str | Path) -> Path:
+def plot_training_curves(logs: dict[str, list[dict]], path: str | Path,
+                         saes: dict[str, tuple[str, bool]] | None = None) -> Path:
     """Held-out NMSE, training-batch NMSE, L0 and dead fraction against tokens seen, one line per SAE (log y
-    where values span decades: NMSE and L0)."""
+    where values span decades: NMSE and L0). saes: {name: (architecture, tokenized)} for the styles
+    (:func:`register_saes`; default: what is registered, else guessed from the names)."""
+    if saes:
+        register_saes(saes)
     fig, axes = subplots(1, 4, figsize=(17, 4))
     styles = sae_styles([n for n, rows in logs.items() if rows])
     for name, rows in logs.items():

@@ -259,9 +259,9 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em a
 h1{font-size:1.7em}h2{font-size:1.3em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 nav.toc{background:#f7f7f7;border:1px solid #e3e3e3;padding:.5em 1.5em;border-radius:4px}
 nav.toc ol{margin:.3em 0;padding-left:1.2em}
-.table-wrap{overflow-x:auto;max-width:100%;margin:.6em 0 1.2em}
+.table-wrap{overflow-x:auto;max-width:100%;margin:0 0 1.2em}
 table{border-collapse:collapse;font-size:.9em}
-caption{caption-side:top;text-align:left;font-weight:600;padding:.2em 0}
+p.tcap{font-weight:600;margin:1em 0 .2em}
 th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:1em 0 1.5em}figure img{max-width:100%;height:auto;border:1px solid #eee}
@@ -283,7 +283,7 @@ HTML_TEMPLATE = """<!DOCTYPE html>
 {% endfor %}</ol></nav>
 {% for s in sections %}<section id="{{ s.anchor }}"><h2>{{ s.title }}</h2>
 {% for p in s.paragraphs %}<p>{{ p }}</p>
-{% endfor %}{% for t in s.tables %}<div class="table-wrap"><table>{% if t.title %}<caption>{{ t.title }}</caption>{% endif %}
+{% endfor %}{% for t in s.tables %}{% if t.title %}<p class="tcap">{{ t.title }}</p>{% endif %}<div class="table-wrap"><table>
 <thead><tr>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
 <tbody>{% for r in t.rows %}<tr>{% for c in r %}<td{% if c.num %} class="num"{% endif %}>{{ c.text }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table></div>
