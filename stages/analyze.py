@@ -588,8 +588,9 @@ def section_positions(ctx: Context) -> Section:
                                           "mean activation (other positions)", "latents fired",
                                           "median position variation (std/mean over positions)",
                                           "median of latents' 50% level"], rows)],
-                   [Figure(f1, "Mean ± std of all latent activations, active latents and ‖x‖ by position, one line per "
-                               "SAE; BOS (position 0) is marked."),
+                   [Figure(f1, "Mean of all latent activations, active latents and ‖x‖ by position, one line per "
+                               "SAE (bands: ± std, clipped at 0 since all three are non-negative); BOS (position 0) "
+                               "is marked."),
                     Figure(f2, "Per-position mean activation of the most position-dependent latents (rows scaled to "
                                "their maximum): latents that track where in the context a token is."),
                     Figure(f3, "Decile levels of the positive activations of the most frequent latents (left) and "
@@ -803,7 +804,8 @@ def _h_dead_cosine(ctx, d):
 
 
 def _h_unigram_cosine(ctx, d):
-    return f"Mean best encoder–unigram cosine of alive latents: {_by_variant(ctx, {n: v['mean'] for n, v in d.items()}, '{:.3f}')}."
+    means = {n: v["mean"] for n, v in d.items()}
+    return f"Mean best encoder–unigram cosine of alive latents: {_by_variant(ctx, means, '{:.3f}')}."
 
 
 def _h_suffix_length(ctx, d):
@@ -836,7 +838,8 @@ def _h_matching(ctx, d):
 
 
 def _h_positions(ctx, d):
-    return f"Active latents per token away from BOS: {_by_variant(ctx, {n: v['l0_rest'] for n, v in d.items()}, '{:.1f}')}."
+    l0 = {n: v["l0_rest"] for n, v in d.items()}
+    return f"Active latents per token away from BOS: {_by_variant(ctx, l0, '{:.1f}')}."
 
 
 def _h_stitching(ctx, d):
@@ -850,7 +853,8 @@ def _h_meta_sae(ctx, d):
 
 
 def _h_browser(ctx, d):
-    return f"Top examples of {_median([v['shown'] for v in d.values()]):.0f} latents per SAE in [browser/index.html](browser/index.html)."
+    shown = _median([v["shown"] for v in d.values()])
+    return f"Top examples of {shown:.0f} latents per SAE in [browser/index.html](browser/index.html)."
 
 
 HEADLINES: dict[str, Callable[[Context, dict], str]] = {

@@ -253,7 +253,8 @@ def top_examples(sae, cache: Cache, hook: str = "", chunks: Sequence[int] | None
     max_tokens: stop after this many scanned tokens. shade: also compute each window token's activation.
 
     Memory: one chunk of activations, one batch of latents [batch_size, d_sae], the running top-k
-    [k_examples, tracked latents] (values + int64 keys) and the activation histograms [tracked latents, 128] int64. Time: one encode of every scanned token, plus the
+    [k_examples, tracked latents] (values + int64 keys) and the activation histograms [tracked latents, 128]
+    int64. Time: one encode of every scanned token, plus the
     example windows (the chunks holding them are read once more). Ties between equal activations are
     broken arbitrarily. Raises ValueError on an out-of-range latent id or non-positive k_examples.
     """

@@ -272,7 +272,8 @@ def _artist_style(a) -> tuple | None:
 
 def series_styles(fig) -> list[tuple[str, str, tuple]]:
     """Every labelled series of ``fig`` as (where, label, style): per Axes its labelled artists, the entries of its
-    legend (which may gather other axes' artists), and each figure legend's entries; style = (colour hex, line style, marker or scatter shape, hatch)."""
+    legend (which may gather other axes' artists), and each figure legend's entries; style = (colour hex, line
+    style, marker or scatter shape, hatch)."""
     out = []
     for i, ax in enumerate(fig.axes):
         for h, lab in zip(*ax.get_legend_handles_labels()):

@@ -379,7 +379,8 @@ def plot_position_overall(stats: dict[str, PositionStats], path):
                 title="activation by position")
     axes[1].set(xlabel="token position", ylabel="active latents L0\n(mean; band ± std, clipped at 0)",
                 title="L0 by position")
-    axes[2].set(xlabel="token position", ylabel="‖x‖ (mean; band ± std, clipped at 0)", title="input norm by position")
+    axes[2].set(xlabel="token position", ylabel="‖x‖ (mean; band ± std, clipped at 0)",
+                title="input norm by position")
     legend_outside(fig)
     return _save(fig, path)
 
