@@ -263,7 +263,8 @@ nav.toc ol{margin:.3em 0;padding-left:1.2em}
 table{border-collapse:collapse;font-size:.9em}
 p.tcap{font-weight:600;margin:1em 0 .2em}
 th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.short{white-space:nowrap}
 figure{margin:1em 0 1.5em}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.9em;color:#444}code{background:#f3f3f3;padding:0 .2em;border-radius:3px}
 .meta{color:#666;font-size:.85em}
@@ -285,7 +286,7 @@ HTML_TEMPLATE = """<!DOCTYPE html>
 {% for p in s.paragraphs %}<p>{{ p }}</p>
 {% endfor %}{% for t in s.tables %}{% if t.title %}<p class="tcap">{{ t.title }}</p>{% endif %}<div class="table-wrap"><table>
 <thead><tr>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
-<tbody>{% for r in t.rows %}<tr>{% for c in r %}<td{% if c.num %} class="num"{% endif %}>{{ c.text }}</td>{% endfor %}</tr>
+<tbody>{% for r in t.rows %}<tr>{% for c in r %}<td{% if c.num %} class="num"{% elif c.short %} class="short"{% endif %}>{{ c.text }}</td>{% endfor %}</tr>
 {% endfor %}</tbody></table></div>
 {% endfor %}{% for f in s.figures %}<figure id="fig-{{ f.n }}"><img src="data:{{ f.mime }};base64,{{ f.data }}" alt="{{ f.alt }}">
 <figcaption><strong>Figure {{ f.n }}.</strong> {{ f.caption }} <span class="meta">({{ f.rel }})</span></figcaption></figure>
@@ -316,7 +317,7 @@ def render_html(sections: Sequence[Section], out_dir: str | Path, title: str, he
                 for v in r:
                     c = _cell(v)
                     num = isinstance(v, (int, float)) and not isinstance(v, bool) or bool(_NUMERIC.match(c))
-                    cells.append({"text": c, "num": num})
+                    cells.append({"text": c, "num": num, "short": len(c) <= 24})
                 rows.append(cells)
             tables.append({"title": md(t.title) if t.title else "", "columns": t.columns, "rows": rows})
         figs = []
