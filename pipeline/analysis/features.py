@@ -500,8 +500,9 @@ def plot_suffix_lengths(results: dict[str, SuffixLengths], path, tokenized: Iter
     ticks = [t for t in range(1, max_n) if t == 1 or t % step == 0] + [max_n + 1]
     for ax, what in zip(axes, ("activation > 0", f"activation ≥ {frac:.0%} of top")):
         ax.set_xticks(ticks, [str(t) for t in ticks[:-1]] + [f">{max_n}"])
-        ax.set(xlabel="suffix length n (tokens after BOS)", ylabel="latents", title=f"shortest suffix with {what}")
+        ax.set(ylabel="latents", title=f"shortest suffix with {what}")
         legend_outside(ax)
+    axes[1].set_xlabel("suffix length n (tokens after BOS)")  # shared x axis: labelled once, at the bottom
     return _save(fig, path)
 
 

@@ -345,16 +345,17 @@ def plot_position_overall(stats: dict[str, PositionStats], path):
     fig, axes = subplots(1, 3, figsize=(16, 4.2))
     vis = {0: [], 1: [], 2: []}
     styles = sae_styles(stats)
+    alpha = 0.12 if len(stats) <= 4 else 0.05  # many overlapping bands would hide the lines
     for name, st in stats.items():
         p = np.arange(st.context_size)
         s = st.first()
         kw = styles[name].line(label=name, ms=3, markevery=max(1, st.context_size // 8))
         axes[0].plot(p, st.overall_mean, **kw)
         axes[0].fill_between(p, np.maximum(st.overall_mean - st.overall_std, 0), st.overall_mean + st.overall_std,
-                             color=kw["color"], alpha=0.12)
+                             color=kw["color"], alpha=alpha)
         axes[1].plot(p, st.l0_mean, **kw)
         axes[1].fill_between(p, np.maximum(st.l0_mean - st.l0_std, 0), st.l0_mean + st.l0_std, color=kw["color"],
-                             alpha=0.12)
+                             alpha=alpha)
         vis[0] += [np.maximum(st.overall_mean[s:] - st.overall_std[s:], 0), st.overall_mean[s:] + st.overall_std[s:]]
         vis[1] += [np.maximum(st.l0_mean[s:] - st.l0_std[s:], 0), st.l0_mean[s:] + st.l0_std[s:]]
     first = next(iter(stats.values()), None)
