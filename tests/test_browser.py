@@ -208,3 +208,21 @@ def test_logit_effects_are_the_extremes_of_w_dec_times_w_u():
     assert all(len(le.logits_up) == 2 and len(le.logits_down) == 2 for le in ex.latents)
     html_ = B.logits_html(ex.latents[0], lambda t: f"t{t}")
     assert "raises" in html_ and "lowers" in html_ and f"t{ex.latents[0].logits_up[0][0]}" in html_
+
+
+def test_partial_utf8_tokens_show_their_bytes(tsae_home):
+    """A byte-level BPE token holding part of a UTF-8 character shows its bytes (\\xNN), not U+FFFD: the pieces
+    of a text read back to the text."""
+    import codecs
+
+    from pipeline.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-gpt2")
+    text = "é€中 naïve"
+    ids = tok.encode(text, add_special_tokens=False)
+    dec = B._Decoder(tok)
+    pieces = [dec(i) for i in ids]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the tokenizer does split characters
+    assert not any("\ufffd" in p for p in pieces)
+    raw = b"".join(codecs.escape_decode(p.encode("utf-8"))[0] for p in pieces)
+    assert raw.decode("utf-8") == text

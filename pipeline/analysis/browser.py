@@ -400,8 +400,29 @@ nav.latents a{margin-right:.5em;font-family:ui-monospace,monospace;font-size:.85
 """
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (Radford et al. 2019, ``encoder.py``), inverted: printable stand-in
+    character → the byte it encodes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTES = _byte_decoder()
+
+
 class _Decoder:
-    """Token id → text, memoised; ``tokenizer``: a Hugging Face tokenizer, a callable id → str, or None (ids)."""
+    """Token id → text, memoised; ``tokenizer``: a Hugging Face tokenizer, a callable id → str, or None (ids).
+
+    A byte-level BPE token that is only part of a UTF-8 character decodes to U+FFFD alone; it is shown as its
+    bytes instead (``\\xe2\\x80``), read back from the token's byte-level spelling.
+    """
 
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
@@ -416,6 +437,10 @@ class _Decoder:
                 s = f"⟨{t}⟩"
             elif hasattr(self.tok, "decode"):
                 s = self.tok.decode([t])
+                if "\ufffd" in s and hasattr(self.tok, "convert_ids_to_tokens"):
+                    piece = self.tok.convert_ids_to_tokens(t)
+                    if isinstance(piece, str) and piece and all(ch in _BYTES for ch in piece):
+                        s = bytes(_BYTES[ch] for ch in piece).decode("utf-8", errors="backslashreplace")
             else:
                 s = str(self.tok(t))
             self.memo[t] = s
