@@ -819,11 +819,21 @@ def _h_final_token(ctx, d):
 
 
 def _h_frontiers(ctx, d):
+    parts = []
+    paired = [p for p in d.get("paired") or [] if p.get("nmse_diff_ci95")]
+    if paired:  # paired tokenized − plain intervals (when train saved per-sequence sums)
+        p = paired[0]
+        lo, hi = p["nmse_diff_ci95"]
+        parts.append(f"Tokenized − plain held-out NMSE, {p['tokenized']} vs {p['plain']}: {p['nmse_diff']:+.4f} "
+                     f"[95% {lo:+.4f}, {hi:+.4f}]" + (f" ({len(paired)} twin pairs in the section)"
+                                                      if len(paired) > 1 else ""))
     conv = d.get("convergence_heldout_nmse") or []
     sp = _median([c.get("speedup") for c in conv])
     if conv and not math.isnan(sp):
-        return (f"Tokenized SAEs reach their plain twin's final held-out NMSE {sp:.1f}× sooner (median of "
-                f"{len(conv)} pair{'s' if len(conv) > 1 else ''}).")
+        parts.append(f"Tokenized SAEs reach their plain twin's final held-out NMSE {sp:.1f}× sooner (median of "
+                     f"{len(conv)} pair{'s' if len(conv) > 1 else ''})")
+    if parts:
+        return ". ".join(parts) + "."
     fam = d.get("pareto_nmse") or {}
     return f"Pareto fronts of NMSE against L0 for {len(fam)} famil{'ies' if len(fam) != 1 else 'y'}." if fam else ""
 

@@ -61,3 +61,16 @@ def test_summary_table_reads_intervals_under_any_usual_key_and_formats_them():
     assert row["NMSE"] == "0.1000 [0.0900, 0.1100]" and row["L0"] == "8.0" and row["CE recovered"] == "90.0%"
     assert row["CE added (nats)"] == "–" and dict(zip(t.columns, t.rows[1]))["dead"] == "25.0%"
     assert "interval" not in sae_summary_table({"b": evals["b"]}).title
+
+
+def test_headlines_from_section_data_and_none_when_the_data_changed_shape():
+    from pipeline.analysis.report import Section
+    from stages.analyze import headline
+
+    d = {"paired": [{"plain": "topk", "tokenized": "topk-tok", "nmse_diff": -0.3, "nmse_diff_ci95": [-0.32, -0.28]}],
+         "convergence_heldout_nmse": [{"speedup": 2.0}, {"speedup": 4.0}]}
+    h = headline(None, Section("frontiers", "F", data=d))
+    assert "topk-tok vs topk: -0.3000 [95% -0.3200, -0.2800]" in h and "3.0× sooner (median of 2 pairs)" in h
+    assert headline(None, Section("final_token", "F", data={"oops": 1})) == ""  # no headline rather than no report
+    assert headline(None, Section("final_token", "F", data={"oops": 1}, headline="own line")) == "own line"
+    assert headline(None, Section("not_an_analysis", "F")) == ""
