@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline.analysis import plots
-from pipeline.analysis.report import Figure, Section, Table, write_report
+from pipeline.analysis.report import Figure, Section, Table, _anchor, write_report
 from pipeline.cache import Cache, CacheError
 from pipeline.config import Config
 from pipeline.models import load_tokenizer, resolve_device
@@ -586,6 +586,21 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _add_logit_effects(ctx: Context, examples: dict) -> str:
+    """Attach each shown latent's top logit effects (W_dec · W_U) when the cache's LM loads; returns a sentence
+    saying what was done."""
+    from pipeline.analysis.browser import add_logit_effects
+
+    try:
+        W_U = ctx.lm.bridge.W_U.detach()
+    except Exception as e:  # noqa: BLE001 - any failure to load the LM only drops this optional column
+        return f"Logit effects not shown: the model could not be loaded ({type(e).__name__}: {e})."
+    for n, ex in examples.items():
+        add_logit_effects(ex, ctx.saes[n].W_dec.detach(), W_U)
+    return ("Logit effects: the tokens whose logits each latent's decoder direction raises / lowers most "
+            "(W_dec[i] · W_U, the model's unembedding, final layer norm ignored).")
+
+
 def section_browser(ctx: Context) -> Section:
     from pipeline.analysis.browser import top_examples, write_browser
 
@@ -595,13 +610,15 @@ def section_browser(ctx: Context) -> Section:
         examples[n] = top_examples(s, ctx.cache, ctx.hook, ctx.held_chunks, latents=a.browser_latents,
                                    k_examples=a.browser_examples, exclude_bos=ctx.cfg.train.exclude_bos,
                                    max_tokens=a.eval_tokens)
+    logit_note = _add_logit_effects(ctx, examples)
     write_browser(examples, ctx.tokenizer, ctx.out / "browser",
-                          header_lines=[f"Top-activating held-out examples at `{ctx.hook}`."])
+                  header_lines=[f"Top-activating held-out examples at `{ctx.hook}`.", logit_note])
     rows = [[n, ex.d_sae, ex.n_alive, len(ex.latents)] for n, ex in examples.items()]
     return Section("browser", "Feature browser: top-activating examples", [
         f"Static HTML: [browser/index.html](browser/index.html). For {a.browser_latents} latents per SAE (half the first "
         f"alive latents by index, half the most frequent), the {a.browser_examples} top-activating contexts among "
-        f"{a.eval_tokens:,} held-out tokens, with the token marked and its activation."],
+        f"{a.eval_tokens:,} held-out tokens, with the token marked and its activation; each latent's activation "
+        f"histogram; {logit_note[0].lower() + logit_note[1:]}"],
         [Table("Browser pages", ["SAE", "d_sae", "alive latents (held-out)", "latents shown"],
                rows)], [],
         {n: {"alive": ex.n_alive, "shown": len(ex.latents)} for n, ex in examples.items()})
@@ -720,8 +737,9 @@ def section_positions(ctx: Context) -> Section:
                                           "mean activation (other positions)", "latents fired",
                                           "median position variation (std/mean over positions)",
                                           "median of latents' 50% level"], rows)],
-                   [Figure(f1, "Mean ± std of all latent activations, active latents and ‖x‖ by position, one line per "
-                               "SAE; BOS (position 0) is marked."),
+                   [Figure(f1, "Mean of all latent activations, active latents and ‖x‖ by position, one line per "
+                               "SAE (bands: ± std, clipped at 0 since all three are non-negative); BOS (position 0) "
+                               "is marked."),
                     Figure(f2, "Per-position mean activation of the most position-dependent latents (rows scaled to "
                                "their maximum): latents that track where in the context a token is."),
                     Figure(f3, "Decile levels of the positive activations of the most frequent latents (left) and "
@@ -852,6 +870,208 @@ def section_meta_sae(ctx: Context) -> Section:
                    {n: r.summary() for n, r in results.items()})
 
 
+# ---------------------------------------------------------------------------------------------------
+# Summary: the SAE table and each analysis's headline, placed first in the report
+
+SUMMARY_METRICS: list[tuple[str, str, str]] = [
+    ("nmse", "NMSE", "{:.4f}"),
+    ("l0", "L0", "{:.1f}"),
+    ("dead_frac_heldout", "dead", "{:.1%}"),
+    ("ce_added", "CE added (nats)", "{:.4f}"),
+    ("ce_recovered", "CE recovered", "{:.1%}"),
+]
+"""(eval.json key, column, format) of the summary's SAE table; a metric with a 95% interval in eval.json (found by
+:func:`metric_interval`) is shown as ``value [lo, hi]``."""
+
+
+def metric_interval(ev: dict, key: str) -> tuple[float, float] | None:
+    """The 95% interval of ``ev[key]`` in an SAE's eval.json, under whichever of the usual spellings it has:
+    ``<key>_ci95`` / ``<key>_ci`` ([lo, hi] or {lo, hi}), ``<key>_lo`` + ``<key>_hi``, ``ci95[key]``, ``ci[key]``,
+    ``intervals[key]``, or ``ev[key]`` itself a {value, lo, hi} dict. None when absent or malformed."""
+    cands = [ev.get(f"{key}_ci95"), ev.get(f"{key}_ci"), ev.get(f"{key}_interval")]
+    if f"{key}_lo" in ev and f"{key}_hi" in ev:
+        cands.append([ev[f"{key}_lo"], ev[f"{key}_hi"]])
+    for group in ("ci95", "ci", "intervals", "interval"):
+        if isinstance(ev.get(group), dict):
+            cands.append(ev[group].get(key))
+    if isinstance(ev.get(key), dict):
+        cands.append(ev[key])
+    for c in cands:
+        if isinstance(c, dict):
+            c = [c.get("lo", c.get("low", c.get("lower"))), c.get("hi", c.get("high", c.get("upper")))]
+        if isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(v, (int, float)) for v in c):
+            return float(c[0]), float(c[1])
+    return None
+
+
+def metric_value(ev: dict, key: str) -> float | None:
+    """``ev[key]`` as a float (or its ``value``/``mean`` when it is a dict); None when absent."""
+    v = ev.get(key)
+    if isinstance(v, dict):
+        v = v.get("value", v.get("mean", v.get("point")))
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def sae_summary_table(evals: dict[str, dict]) -> Table:
+    """One row per SAE: architecture, tokenized, d_sae and :data:`SUMMARY_METRICS` with their 95% intervals."""
+    rows, any_ci = [], False
+    for n, ev in evals.items():
+        cells = []
+        for key, _, fmt in SUMMARY_METRICS:
+            v, ci = metric_value(ev, key), metric_interval(ev, key)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("–")
+                continue
+            any_ci |= ci is not None
+            cells.append(fmt.format(v) + ("" if ci is None else f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"))
+        rows.append([n, ev.get("architecture", ""), "yes" if ev.get("tokenized") else "no", ev.get("d_sae", ""), *cells])
+    title = "Held-out metrics of every SAE" + (" (value [95% interval])" if any_ci else "")
+    return Table(title, ["SAE", "architecture", "tokenized", "d_sae", *[c for _, c, _ in SUMMARY_METRICS]], rows)
+
+
+def _median(vals) -> float:
+    v = [float(x) for x in vals if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    return float(np.median(v)) if v else math.nan
+
+
+def _by_variant(ctx: Context, values: dict[str, Any], fmt: str = "{:.1%}") -> str:
+    """"plain a, tokenized b" (medians over SAEs of each variant; just the value when one SAE)."""
+    parts = []
+    for tok, label in ((False, "plain"), (True, "tokenized")):
+        v = [x for n, x in values.items() if n in ctx.saes and bool(ctx.saes[n].params.tokenized) == tok]
+        if not v:
+            continue
+        m = _median(v)
+        if not math.isnan(m):
+            parts.append(f"{label} {'median ' if len(v) > 1 else ''}{fmt.format(m)}")
+    return ", ".join(parts)
+
+
+def _h_ngrams(ctx, d):
+    u = d.get(1) or d.get("1")
+    return (f"{u['distinct']:,} distinct tokens; the 10 most frequent make up {u['top10_share']:.1%} of the "
+            f"{u['total']:,} tokens.")
+
+
+def _h_mse_by_freq(ctx, d):
+    ratio = {n: rows[0]["mean"] / rows[-1]["mean"] for n, rows in d["bins"].items() if rows and rows[-1]["mean"]}
+    return f"Per-token error of the rarest tokens ÷ the most frequent ones: {_by_variant(ctx, ratio, '{:.2f}×')}."
+
+
+def _h_unigram_features(ctx, d):
+    return f"Latents activated by at least one unigram: {_by_variant(ctx, d['fraction'])}."
+
+
+def _h_dead_cosine(ctx, d):
+    dead = {n: v["n_dead"] / max(1, v["n_dead"] + v["n_firing"]) for n, v in d.items()}
+    return f"Latents never firing on held-out tokens: {_by_variant(ctx, dead)}."
+
+
+def _h_unigram_cosine(ctx, d):
+    means = {n: v["mean"] for n, v in d.items()}
+    return f"Mean best encoder–unigram cosine of alive latents: {_by_variant(ctx, means, '{:.3f}')}."
+
+
+def _h_suffix_length(ctx, d):
+    return ("Sampled latents that fire on a 1-token suffix of their top context: "
+            f"{_by_variant(ctx, {n: v.get('share_1_active') for n, v in d.items()})}.")
+
+
+def _h_final_token(ctx, d):
+    return (f"The nearest unigram activation is the residual's own token for {d['frac_l2']:.1%} (L2) and "
+            f"{d['frac_cos']:.1%} (cosine) of {d['n']:,} residuals.")
+
+
+def _h_frontiers(ctx, d):
+    parts = []
+    paired = [p for p in d.get("paired") or [] if p.get("nmse_diff_ci95")]
+    if paired:  # paired tokenized − plain intervals (when train saved per-sequence sums)
+        p = paired[0]
+        lo, hi = p["nmse_diff_ci95"]
+        parts.append(f"Tokenized − plain held-out NMSE, {p['tokenized']} vs {p['plain']}: {p['nmse_diff']:+.4f} "
+                     f"[95% {lo:+.4f}, {hi:+.4f}]" + (f" ({len(paired)} twin pairs in the section)"
+                                                      if len(paired) > 1 else ""))
+    conv = d.get("convergence_heldout_nmse") or []
+    sp = _median([c.get("speedup") for c in conv])
+    if conv and not math.isnan(sp):
+        parts.append(f"Tokenized SAEs reach their plain twin's final held-out NMSE {sp:.1f}× sooner (median of "
+                     f"{len(conv)} pair{'s' if len(conv) > 1 else ''})")
+    if parts:
+        return ". ".join(parts) + "."
+    fam = d.get("pareto_nmse") or {}
+    return f"Pareto fronts of NMSE against L0 for {len(fam)} famil{'ies' if len(fam) != 1 else 'y'}." if fam else ""
+
+
+def _h_matching(ctx, d):
+    sp = d.get("seed_pairs") or {}
+    if not sp:
+        return ""
+    return (f"SAEs differing only in seed share {_median([v['ratio_ab'] for v in sp.values()]):.1%} of decoder "
+            f"latents (median over {len(sp)} pair{'s' if len(sp) > 1 else ''}, MMCS "
+            f"{_median([v['mmcs_ab'] for v in sp.values()]):.3f}).")
+
+
+def _h_positions(ctx, d):
+    l0 = {n: v["l0_rest"] for n, v in d.items()}
+    return f"Active latents per token away from BOS: {_by_variant(ctx, l0, '{:.1f}')}."
+
+
+def _h_stitching(ctx, d):
+    return "; ".join(f"{k}: {v['graph']['novel']} novel, {v['graph']['reconstruction']} reconstruction latents"
+                     for k, v in list(d.items())[:3]) + "."
+
+
+def _h_meta_sae(ctx, d):
+    return ("A meta-SAE explains " + ", ".join(f"{v['variance_explained']:.1%} of {n}'s" for n, v in d.items())
+            + " decoder-row variance.")
+
+
+def _h_browser(ctx, d):
+    shown = _median([v["shown"] for v in d.values()])
+    return f"Top examples of {shown:.0f} latents per SAE in [browser/index.html](browser/index.html)."
+
+
+HEADLINES: dict[str, Callable[[Context, dict], str]] = {
+    "ngrams": _h_ngrams, "mse_by_freq": _h_mse_by_freq, "unigram_features": _h_unigram_features,
+    "dead_cosine": _h_dead_cosine, "unigram_cosine": _h_unigram_cosine, "suffix_length": _h_suffix_length,
+    "final_token": _h_final_token, "frontiers": _h_frontiers, "matching": _h_matching, "positions": _h_positions,
+    "stitching": _h_stitching, "meta_sae": _h_meta_sae, "browser": _h_browser,
+}
+"""Analysis key → its one-line headline from the section's data (used when the section sets none)."""
+
+
+def headline(ctx: Context, sec: Section) -> str:
+    """The section's own headline, else the one :data:`HEADLINES` derives from its data ('' when it can't)."""
+    if sec.headline:
+        return sec.headline
+    f = HEADLINES.get(sec.key)
+    if f is None:
+        return ""
+    try:
+        return " ".join(str(f(ctx, sec.data) or "").split())
+    except (KeyError, TypeError, ValueError, IndexError, ZeroDivisionError, AttributeError):
+        return ""  # a section whose data changed shape: no headline rather than no report
+
+
+def section_summary(ctx: Context, sections: list[Section]) -> Section:
+    """The report's first section: every SAE's held-out metrics (from eval.json) and each analysis's headline."""
+    tables, paras, lines = [], [], []
+    if ctx.evals:
+        tables.append(sae_summary_table(ctx.evals))
+        paras.append("Held-out metrics written by `train` (each SAE's eval.json; intervals, where shown, are the 95% "
+                     "intervals recorded there): NMSE = ‖x − x̂‖² / ‖x − mean x‖², L0 = active "
+                     "latents per token, dead = share of latents that never fire on the held-out tokens, CE added = "
+                     "LM loss with the SAE spliced in minus the clean loss, CE recovered = share of the "
+                     "zero-ablation loss increase the SAE recovers.")
+    for sec in sections:
+        h = headline(ctx, sec)
+        if h:
+            lines.append(f"[{sec.title.split(' (')[0]}](#{_anchor(sec.key)}): {h}")
+    closing = ["**What each analysis found** (details in its section):", *lines] if lines else []
+    return Section("summary", "Summary", paras, tables, [],
+                   {"headlines": {sec.key: headline(ctx, sec) for sec in sections}}, closing=closing)
+
+
 SECTIONS: dict[str, Callable[[Context], Section]] = {
     "ngrams": section_ngrams,
     "mse_by_freq": section_mse_by_freq,
@@ -943,6 +1163,7 @@ def run(cfg: Config, scheduler: str | None = None, allow_other_cache: bool = Fal
             evals[n] = json.loads(ev.read_text())
         lg = dirs[n] / "metrics.jsonl"
         logs[n] = [json.loads(line) for line in open(lg)] if lg.is_file() else []
+    plots.register_saes({n: (s.params.architecture, bool(s.params.tokenized)) for n, s in saes.items()})
     ctx = Context(cfg, cache, hook, out, dev, saes, evals, logs, {n: dirs[n] for n in saes},
                   scheduler=scheduler or a.scheduler or None)
     sections, timings = [], {}
@@ -956,8 +1177,10 @@ def run(cfg: Config, scheduler: str | None = None, allow_other_cache: bool = Fal
         timings[key] = time.perf_counter() - t0
         sections.append(sec)
         ctx.results[key] = sec.data
+    summary = section_summary(ctx, sections)
+    sections.insert(0, summary)
     results = {"cache": cache.path, "hook": hook, "n_seq": cache.n_seq, "tokens": cache.n_seq * cache.context_size,
-               "saes": list(saes), "seconds": timings, **ctx.results}
+               "saes": list(saes), "seconds": timings, "summary": summary.data, **ctx.results}
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     header = [f"Cache `{cache.path}` ({cache.meta['model']}, `{hook}`, {results['tokens']:,} tokens); "
               f"{len(saes)} SAE(s) from `{cfg.train.out_dir}`."]

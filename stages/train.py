@@ -419,7 +419,8 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     fname = "summary.json" if only is None else f"summary-{specs[0].name}.json"
     (out_dir / fname).write_text(json.dumps(summary, indent=2))
     if only is None:
-        plot_training_curves(logs, out_dir / "training_curves.png")
+        plot_training_curves(logs, out_dir / "training_curves.png",
+                             {r["name"]: (r["architecture"], r["tokenized"]) for r in results})
     if tracker is not None:
         tracker.summary(results)
         tracker.finish()
@@ -687,7 +688,8 @@ def run_distributed(cfg: Config) -> dict:
     for n in names:
         with open(out_dir / n / "metrics.jsonl") as f:
             logs[n] = [json.loads(line) for line in f]
-    plot_training_curves(logs, out_dir / "training_curves.png")
+    plot_training_curves(logs, out_dir / "training_curves.png",
+                         {r["name"]: (r["architecture"], r["tokenized"]) for r in summary["results"]})
     return summary
 
 

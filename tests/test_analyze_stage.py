@@ -41,3 +41,36 @@ def test_seed_pairs_differ_only_in_seed():
 def test_bad_analyze_settings_are_refused_at_load(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(TINY, [override])
+
+
+def test_summary_table_reads_intervals_under_any_usual_key_and_formats_them():
+    from stages.analyze import SUMMARY_METRICS, metric_interval, sae_summary_table
+
+    assert metric_interval({"nmse": 0.1, "nmse_ci95": [0.09, 0.11]}, "nmse") == (0.09, 0.11)
+    assert metric_interval({"nmse": 0.1, "nmse_lo": 0.08, "nmse_hi": 0.12}, "nmse") == (0.08, 0.12)
+    assert metric_interval({"ci95": {"nmse": {"lo": 1, "hi": 2}}}, "nmse") == (1.0, 2.0)
+    assert metric_interval({"nmse": {"value": 1, "lower": 0.5, "upper": 2}}, "nmse") == (0.5, 2.0)
+    assert metric_interval({"nmse": 0.1}, "nmse") is None and metric_interval({"nmse_ci": "x"}, "nmse") is None
+    evals = {"a": {"nmse": 0.1, "nmse_ci95": [0.09, 0.11], "l0": 8, "ce_recovered": 0.9, "architecture": "topk",
+                   "tokenized": True, "d_sae": 8},
+             "b": {"nmse": 0.2, "l0": 4, "dead_frac_heldout": 0.25, "architecture": "relu", "tokenized": False}}
+    t = sae_summary_table(evals)
+    assert t.columns[:4] == ["SAE", "architecture", "tokenized", "d_sae"] and len(t.columns) == 4 + len(SUMMARY_METRICS)
+    assert "95% interval" in t.title
+    row = dict(zip(t.columns, t.rows[0]))
+    assert row["NMSE"] == "0.1000 [0.0900, 0.1100]" and row["L0"] == "8.0" and row["CE recovered"] == "90.0%"
+    assert row["CE added (nats)"] == "–" and dict(zip(t.columns, t.rows[1]))["dead"] == "25.0%"
+    assert "interval" not in sae_summary_table({"b": evals["b"]}).title
+
+
+def test_headlines_from_section_data_and_none_when_the_data_changed_shape():
+    from pipeline.analysis.report import Section
+    from stages.analyze import headline
+
+    d = {"paired": [{"plain": "topk", "tokenized": "topk-tok", "nmse_diff": -0.3, "nmse_diff_ci95": [-0.32, -0.28]}],
+         "convergence_heldout_nmse": [{"speedup": 2.0}, {"speedup": 4.0}]}
+    h = headline(None, Section("frontiers", "F", data=d))
+    assert "topk-tok vs topk: -0.3000 [95% -0.3200, -0.2800]" in h and "3.0× sooner (median of 2 pairs)" in h
+    assert headline(None, Section("final_token", "F", data={"oops": 1})) == ""  # no headline rather than no report
+    assert headline(None, Section("final_token", "F", data={"oops": 1}, headline="own line")) == "own line"
+    assert headline(None, Section("not_an_analysis", "F")) == ""

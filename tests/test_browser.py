@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 
 import numpy as np
 import pytest
@@ -118,19 +119,24 @@ def _hand_examples():
 
 def test_browser_html_is_escaped_and_marks_tokens(tmp_path):
     vocab = {1: "<script>", 2: " a&b", 3: '"q"\n', 4: "\t", 5: "", 6: "x\x01"}
-    index = B.write_browser({"my <sae>": _hand_examples()}, vocab.get, tmp_path, header_lines=["cache <c>"])
+    index = B.write_browser({"my <sae>": _hand_examples()}, vocab.get, tmp_path,
+                            header_lines=["cache <c>", "at `blocks.0.hook_resid_pre`"])
     assert index == tmp_path / "index.html"
     idx, page = index.read_text(), (tmp_path / "my_sae.html").read_text()
     for text in (idx, page):
         assert "<script>" not in text and "&lt;script&gt;" in text
         assert "my &lt;sae&gt;" in text
+    assert "`" not in idx and "at <code>blocks.0.hook_resid_pre</code>" in idx  # no literal backticks
     assert "cache &lt;c&gt;" in idx and 'href="my_sae.html#l3"' in idx and 'href="my_sae.html#l8"' in idx
     assert '<section id="l3">' in page and '<section id="l8">' in page and "never fired" in page
     # the marked token (outlined, its activation in the row), whitespace made visible, shading by activation
     assert ('<span class="tok mark" title="id 3 · &#x27;&quot;q&quot;\\n&#x27; · act 2.5" '
-            'style="background:rgba(255,140,0,0.800)">&quot;q&quot;<span class="ws">↵</span></span>') in page
+            'style="background:rgba(255,140,0,0.800)">&quot;q&quot;<span class="ws">↵</span>\n</span>') in page
     assert '<td class="num">2.5</td>' in page and '<td class="num">4:7</td>' in page
-    assert '<span class="ws">·</span>a&amp;b' in page and '<span class="ws">⇥</span>' in page
+    # whitespace as in the text: a space is a space, a tab a tab; tokens abut (no gaps, no inserted spaces)
+    assert '> a&amp;b</span><span class="tok' in page and '>\t</span>' in page
+    assert '<span class="ws">·</span>' not in page
+    assert re.search(r"\.tok\{[^}]*(margin|padding)", page) is None
     assert "not scanned (BOS)" in page and '<span class="ws">∅</span>' in page and "\\x01" in page
     assert 'style="background:rgba(255,140,0,0.320)"' in page  # token 2: act 1.0 of max 2.5
     data = json.loads((tmp_path / "my_sae.json").read_text())
@@ -165,3 +171,58 @@ def _strip_tags(s: str) -> str:
     import re
 
     return re.sub(r"<[^>]+>", "", s)
+
+
+@one_cache
+def test_activation_histogram_counts_every_positive_activation(tiny_cache):
+    cfg, cache = tiny_cache
+    sae = _sae(cache.meta["d_model"])
+    ex = B.top_examples(sae, cache, "", [0, 1], latents=[0, 3, 7], k_examples=2)
+    f = _brute(sae, cache, cache.check_hook(""), [0, 1], True)[0]
+    for le in ex.latents:
+        v = f[:, le.latent]
+        v = v[v > 0].astype(np.float64)
+        assert le.hist.sum() == len(v) == round(le.freq * ex.n_tokens)
+        # the brute-force histogram on the same quarter-octave edges (values beyond them in the end bins)
+        ref = np.histogram(np.clip(v, B.HIST_EDGES[0], B.HIST_EDGES[-1] * 0.999), bins=B.HIST_EDGES)[0]
+        assert np.abs(le.hist - ref).sum() <= 0.01 * len(v) + 2  # float32 log2 at bin edges may differ by one bin
+    svg = B.hist_svg(ex.latents[0].hist)
+    assert svg.startswith("<svg") and svg.count("<rect") == np.ptp(np.flatnonzero(ex.latents[0].hist)) + 1
+    assert B.hist_svg(np.zeros(128, np.int64)) == ""
+
+
+def test_logit_effects_are_the_extremes_of_w_dec_times_w_u():
+    g = torch.Generator().manual_seed(0)
+    W_dec, W_U = torch.randn(6, 5, generator=g), torch.randn(5, 40, generator=g)
+    eff = B.logit_effects(W_dec, W_U, [4, 1], k=3)
+    full = W_dec @ W_U
+    for lat in (4, 1):
+        up, down = eff[lat]
+        assert [t for t, _ in up] == full[lat].argsort(descending=True)[:3].tolist()
+        assert [t for t, _ in down] == full[lat].argsort()[:3].tolist()
+        assert abs(up[0][1] - float(full[lat].max())) < 1e-5 and abs(down[0][1] - float(full[lat].min())) < 1e-5
+    with pytest.raises(ValueError, match="d_model"):
+        B.logit_effects(W_dec, W_U[:4], [0])
+    ex = _hand_examples()
+    B.add_logit_effects(ex, torch.randn(10, 5, generator=g), W_U, k=2)
+    assert all(len(le.logits_up) == 2 and len(le.logits_down) == 2 for le in ex.latents)
+    html_ = B.logits_html(ex.latents[0], lambda t: f"t{t}")
+    assert "raises" in html_ and "lowers" in html_ and f"t{ex.latents[0].logits_up[0][0]}" in html_
+
+
+def test_partial_utf8_tokens_show_their_bytes(tsae_home):
+    """A byte-level BPE token holding part of a UTF-8 character shows its bytes (\\xNN), not U+FFFD: the pieces
+    of a text read back to the text."""
+    import codecs
+
+    from pipeline.models import load_tokenizer
+
+    tok = load_tokenizer("tiny-gpt2")
+    text = "é€中 naïve"
+    ids = tok.encode(text, add_special_tokens=False)
+    dec = B._Decoder(tok)
+    pieces = [dec(i) for i in ids]
+    assert any("\ufffd" in tok.decode([i]) for i in ids)  # the tokenizer does split characters
+    assert not any("\ufffd" in p for p in pieces)
+    raw = b"".join(codecs.escape_decode(p.encode("utf-8"))[0] for p in pieces)
+    assert raw.decode("utf-8") == text

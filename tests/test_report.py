@@ -95,3 +95,37 @@ def test_inline_subset_is_escaped():
     assert inline_html("<i>x</i> `<y>` **b** *e* [l](a.html)") == (
         "&lt;i&gt;x&lt;/i&gt; <code>&lt;y&gt;</code> <strong>b</strong> <em>e</em> <a href=\"a.html\">l</a>")
     assert 'href="#"' in inline_html("[x](javascript:alert)")
+
+
+def test_wide_tables_scroll_in_html_and_are_transposed_or_split_in_markdown(tmp_path):
+    from pipeline.analysis.report import MD_MAX_COLUMNS, md_table_parts
+
+    cols = ["SAE", *[f"metric {i}" for i in range(12)]]
+    few = Table("Few rows", cols, [[f"sae{r}", *[r * 100 + i for i in range(12)]] for r in range(3)])
+    many = Table("Many rows", cols, [[f"sae{r}", *[r * 100 + i for i in range(12)]] for r in range(10)])
+    (t,) = md_table_parts(few)
+    assert t[1] == ["SAE", "sae0", "sae1", "sae2"] and len(t[2]) == 12 and t[2][4] == ["metric 4", 4, 104, 204]
+    parts = md_table_parts(many)
+    assert len(parts) > 1 and all(len(c) <= MD_MAX_COLUMNS and c[0] == "SAE" for _, c, _ in parts)
+    # every cell of the original appears exactly once outside the repeated first column
+    got = sorted(v for _, _, rows in parts for r in rows for v in r[1:])
+    assert got == sorted(v for r in many.rows for v in r[1:])
+    md, page = write_report([Section("s", "S", [], [few, many])], tmp_path)
+    text = md.read_text()
+    assert "(transposed)" in text and "(part 1/" in text
+    assert max(line.count("|") for line in text.splitlines()) <= MD_MAX_COLUMNS + 1
+    html = page.read_text()
+    assert html.count('<div class="table-wrap"><table>') == 2 and ".table-wrap{overflow-x:auto" in html
+
+
+def test_closing_paragraphs_and_jinja_escaping(tmp_path):
+    sec = Section("s", "S <x>", ["before"], [Table("t", ["a"], [["<script>"]])], [], closing=["after [link](#s)"],
+                  headline="  one\nline ")
+    assert sec.headline == "one line"
+    md, page = write_report([sec], tmp_path)
+    html = page.read_text()
+    assert html.index("before") < html.index("<table>") < html.index("after")
+    assert '<a href="#s">link</a>' in html and "&lt;script&gt;" in html and "<script>" not in html
+    assert "S &lt;x&gt;" in html
+    t = md.read_text()
+    assert t.index("before") < t.index("| a |") < t.index("after [link](#s)")

@@ -16,8 +16,14 @@ window, the latent's activation on every token of it — reading only the chunks
   id, text and activation;
 * ``<sae>.json`` — the same data (token ids, decoded tokens, activations) for other tools.
 
-Token text is HTML-escaped; whitespace is made visible: space ``·``, newline ``↵``, tab ``⇥``, carriage
-return ``␍``, other control characters as ``\\xNN``; special tokens (BOS/EOS) are set in italics.
+Tokens are set next to each other as in the text (no gaps; a thin underline on hover shows a token's
+extent); whitespace is shown as it is — spaces as spaces, a newline breaks the line after a faint ``↵``,
+tabs as tabs — and other control characters as ``\\xNN``; special tokens (BOS/EOS) are set in italics.
+A token that is only whitespace gets a faint ``·``/``↵`` mark so it can be hovered. Each latent also shows
+a histogram of its positive activations (:data:`HIST_EDGES`, quarter-octave bins, counted during the scan)
+and, when the caller passes the model's unembedding (:func:`logit_effects`), the tokens whose logits its
+decoder direction raises and lowers most (W_dec[i] · W_U, the direct logit effect, ignoring the final
+layer norm's scale).
 
 Which latents (default ``latents=48``): half of them (rounded up) are the first alive latents by
 index — an unbiased sample, since a latent's index says nothing about what it learned — and the rest
@@ -41,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.analysis.report import inline_html
 from pipeline.cache import Cache
 from pipeline.reader import chunk_rows, n_chunks, read_chunk
 
@@ -91,6 +98,12 @@ class LatentExamples:
     max_act: float
     reason: str
     examples: list[Example] = field(default_factory=list)
+    hist: np.ndarray | None = None
+    """int64 [len(HIST_EDGES) - 1]: counts of the latent's positive activations per :data:`HIST_EDGES` bin."""
+    logits_up: list[tuple[int, float]] = field(default_factory=list)
+    """(token id, W_dec[i] · W_U[:, token]) of the tokens whose logits the latent raises most (descending)."""
+    logits_down: list[tuple[int, float]] = field(default_factory=list)
+    """Likewise, the tokens it lowers most (most negative first)."""
 
     @property
     def values(self) -> np.ndarray:
@@ -109,7 +122,9 @@ class LatentExamples:
 
     def to_dict(self) -> dict[str, Any]:
         return {"latent": self.latent, "freq": self.freq, "max_act": self.max_act, "reason": self.reason,
-                "examples": [e.to_dict() for e in self.examples]}
+                "examples": [e.to_dict() for e in self.examples],
+                "hist": None if self.hist is None else self.hist.tolist(),
+                "logits_up": [[t, v] for t, v in self.logits_up], "logits_down": [[t, v] for t, v in self.logits_down]}
 
 
 @dataclass
@@ -151,6 +166,44 @@ class SAEExamples:
 
 # ---------------------------------------------------------------------------------------------------
 # Computing
+
+HIST_PER_OCTAVE = 4
+HIST_LO, HIST_HI = -16, 16
+HIST_EDGES = 2.0 ** (np.arange(HIST_LO * HIST_PER_OCTAVE, HIST_HI * HIST_PER_OCTAVE + 1) / HIST_PER_OCTAVE)
+"""float64 [129]: activation histogram bin edges, quarter octaves from 2^-16 to 2^16 (values outside are counted
+in the first / last bin): scale-free, so one set of bins serves every latent and model."""
+
+
+def _hist_bins(v: torch.Tensor) -> torch.Tensor:
+    """Bin index (int64) in :data:`HIST_EDGES` of each positive activation ``v``."""
+    b = torch.floor(torch.log2(v.float()) * HIST_PER_OCTAVE).long() - HIST_LO * HIST_PER_OCTAVE
+    return b.clamp_(0, len(HIST_EDGES) - 2)
+
+
+@torch.no_grad()
+def logit_effects(W_dec: torch.Tensor, W_U: torch.Tensor, latents: Sequence[int], k: int = 8
+                  ) -> dict[int, tuple[list[tuple[int, float]], list[tuple[int, float]]]]:
+    """Direct logit effect of each latent: W_dec[i] · W_U, its k largest and k smallest entries.
+
+    W_dec: [d_sae, d_model]; W_U: [d_model, d_vocab] (the model's unembedding); latents: ids into W_dec.
+    Returns {latent: ([(token, value)] descending, [(token, value)] ascending)}; values in logit units per unit of
+    activation, ignoring the final layer norm (as in Bricken et al. 2023's and Neuronpedia's logit tables).
+    Raises ValueError when d_model differs.
+    """
+    if W_dec.shape[1] != W_U.shape[0]:
+        raise ValueError(f"W_dec has d_model {W_dec.shape[1]} but W_U has {W_U.shape[0]}: not this model's SAE")
+    if not len(latents):
+        return {}
+    ids = torch.as_tensor(list(latents), dtype=torch.long, device=W_dec.device)
+    eff = W_dec.detach()[ids].float() @ W_U.detach().to(W_dec.device, torch.float32)  # [m, d_vocab]
+    k = min(k, eff.shape[1])
+    up_v, up_i = eff.topk(k, dim=1)
+    dn_v, dn_i = (-eff).topk(k, dim=1)
+    out = {}
+    for j, lat in enumerate(latents):
+        out[int(lat)] = ([(int(t), float(v)) for t, v in zip(up_i[j].tolist(), up_v[j].tolist())],
+                         [(int(t), -float(v)) for t, v in zip(dn_i[j].tolist(), dn_v[j].tolist())])
+    return out
 
 
 def select_latents(freq: np.ndarray, n: int) -> list[tuple[int, str]]:
@@ -199,8 +252,9 @@ def top_examples(sae, cache: Cache, hook: str = "", chunks: Sequence[int] | None
     training does). device: where encoding runs (default: the SAE's; the SAE is moved there).
     max_tokens: stop after this many scanned tokens. shade: also compute each window token's activation.
 
-    Memory: one chunk of activations, one batch of latents [batch_size, d_sae] and the running top-k
-    [k_examples, tracked latents] (values + int64 keys). Time: one encode of every scanned token, plus the
+    Memory: one chunk of activations, one batch of latents [batch_size, d_sae], the running top-k
+    [k_examples, tracked latents] (values + int64 keys) and the activation histograms [tracked latents, 128]
+    int64. Time: one encode of every scanned token, plus the
     example windows (the chunks holding them are read once more). Ties between equal activations are
     broken arbitrarily. Raises ValueError on an out-of-range latent id or non-positive k_examples.
     """
@@ -227,6 +281,8 @@ def top_examples(sae, cache: Cache, hook: str = "", chunks: Sequence[int] | None
     top_key = torch.full((k, n_tr), -1, dtype=torch.long, device=dev)
     fired = torch.zeros(m, dtype=torch.long, device=dev)
     max_act = torch.zeros(m, device=dev)
+    n_bins = len(HIST_EDGES) - 1
+    hist = torch.zeros(n_tr * n_bins, dtype=torch.long, device=dev)
     ctx = cache.context_size
     drop = 1 if exclude_bos and cache.meta["prepend_bos"] else 0
     per_seq = ctx - drop
@@ -251,6 +307,8 @@ def top_examples(sae, cache: Cache, hook: str = "", chunks: Sequence[int] | None
             fired += (f != 0).float().sum(0).long()  # float sum: 2x faster than a bool sum on CPU
             torch.maximum(max_act, f.amax(0), out=max_act)
             ft = f if tracked is None else f.index_select(1, tracked)
+            r_, c_ = (ft > 0).nonzero(as_tuple=True)
+            hist += torch.bincount(c_ * n_bins + _hist_bins(ft[r_, c_]), minlength=n_tr * n_bins)
             bv, bi = ft.topk(min(k, len(ft)), dim=0)
             v, i = torch.cat([top_v, bv]).topk(k, dim=0)
             top_key = torch.cat([top_key, keys[s:s + batch_size][bi]]).gather(0, i)
@@ -265,10 +323,11 @@ def top_examples(sae, cache: Cache, hook: str = "", chunks: Sequence[int] | None
     chosen = select_latents(freq, n_show) if ids is None else [(i, "requested") for i in ids]
     col = None if ids is None else {i: n for n, i in enumerate(ids)}
     top_v, top_key = top_v.cpu().numpy(), top_key.cpu().numpy()
+    hist_np = hist.view(n_tr, n_bins).cpu().numpy()
     out: list[LatentExamples] = []
     for lat, reason in chosen:
         cidx = lat if col is None else col[lat]
-        le = LatentExamples(lat, float(freq[lat]), float(max_np[lat]), reason)
+        le = LatentExamples(lat, float(freq[lat]), float(max_np[lat]), reason, hist=hist_np[cidx].copy())
         for v, key in zip(top_v[:, cidx], top_key[:, cidx]):
             if v > 0 and key >= 0:
                 le.examples.append(Example(float(v), int(key // ctx), int(key % ctx), 0, np.empty(0, np.int64)))
@@ -317,7 +376,8 @@ def _fill_windows(sae, cache: Cache, hook: str, latents: list[LatentExamples], b
 # ---------------------------------------------------------------------------------------------------
 # Rendering
 
-_WS = {" ": "·", "\n": "↵", "\t": "⇥", "\r": "␍"}
+_WS = {"\n": '<span class="ws">↵</span>\n', "\r": '<span class="ws">␍</span>'}
+"""Whitespace that gets a visible mark: a newline shows a faint ↵ and then breaks the line, as in the text."""
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;max-width:1200px;
@@ -326,17 +386,43 @@ h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #
 table{border-collapse:collapse;margin:.5em 0;font-size:.9em}
 th,td{border:1px solid #ddd;padding:.2em .5em;vertical-align:top;text-align:left}
 th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
-.ctx{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-all}
-.tok{border-radius:2px;padding:0 1px;margin:0 .5px}
-.tok.mark{outline:2px solid #c00;font-weight:bold}
+.ctx{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;white-space:pre-wrap;word-break:break-word;
+  tab-size:4}
+.tok{border-radius:2px}.tok:hover{box-shadow:inset 0 -2px 0 #06c}
+.tok.mark{outline:2px solid #c00;outline-offset:-1px;font-weight:bold}
+.hist{display:block;margin:.3em 0}.hist rect{fill:#e8830c}.hist text{font-size:9px;fill:#555}
+.logits{display:flex;gap:2em;flex-wrap:wrap;font-size:.9em;margin:.3em 0}
+.logits .ctx{background:#f3f3f3;border-radius:3px;padding:0 .25em;margin-right:.35em}
+.up{color:#070}.down{color:#a00}
 .ws{color:#aaa}.special{font-style:italic;color:#777}
 .meta{color:#555;font-size:.9em}.muted{color:#888}
 nav.latents a{margin-right:.5em;font-family:ui-monospace,monospace;font-size:.85em}
 """
 
 
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (Radford et al. 2019, ``encoder.py``), inverted: printable stand-in
+    character → the byte it encodes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTES = _byte_decoder()
+
+
 class _Decoder:
-    """Token id → text, memoised; ``tokenizer``: a Hugging Face tokenizer, a callable id → str, or None (ids)."""
+    """Token id → text, memoised; ``tokenizer``: a Hugging Face tokenizer, a callable id → str, or None (ids).
+
+    A byte-level BPE token that is only part of a UTF-8 character decodes to U+FFFD alone; it is shown as its
+    bytes instead (``\\xe2\\x80``), read back from the token's byte-level spelling.
+    """
 
     def __init__(self, tokenizer: Any):
         self.tok = tokenizer
@@ -351,6 +437,10 @@ class _Decoder:
                 s = f"⟨{t}⟩"
             elif hasattr(self.tok, "decode"):
                 s = self.tok.decode([t])
+                if "\ufffd" in s and hasattr(self.tok, "convert_ids_to_tokens"):
+                    piece = self.tok.convert_ids_to_tokens(t)
+                    if isinstance(piece, str) and piece and all(ch in _BYTES for ch in piece):
+                        s = bytes(_BYTES[ch] for ch in piece).decode("utf-8", errors="backslashreplace")
             else:
                 s = str(self.tok(t))
             self.memo[t] = s
@@ -358,7 +448,9 @@ class _Decoder:
 
 
 def token_html(text: str) -> str:
-    """HTML for one token's text: escaped, whitespace and control characters made visible (in ``.ws`` spans)."""
+    """HTML for one token's text, whitespace as it is in the text (inside a ``white-space: pre-wrap`` block): spaces
+    and tabs themselves, a newline as a faint ``↵`` and a line break, a carriage return as ``␍``, other control
+    characters as ``\\xNN``, everything escaped; an empty token shows ``∅``."""
     if text == "":
         return '<span class="ws">∅</span>'
     out, plain = [], []
@@ -370,13 +462,13 @@ def token_html(text: str) -> str:
 
     for ch in text:
         vis = _WS.get(ch)
-        if vis is None and (ord(ch) < 32 or ord(ch) == 127):
-            vis = f"\\x{ord(ch):02x}"
+        if vis is None and ch != "\t" and (ord(ch) < 32 or ord(ch) == 127):
+            vis = f'<span class="ws">\\x{ord(ch):02x}</span>'
         if vis is None:
             plain.append(ch)
         else:
             flush()
-            out.append(f'<span class="ws">{html.escape(vis)}</span>')
+            out.append(vis)
     flush()
     return "".join(out)
 
@@ -402,6 +494,50 @@ def window_html(e: Example, decode: Callable[[int], str], scale: float, special:
         a_shade = e.value if j == e.marked and a is None else a
         parts.append(f'<span class="{cls}" title="{title}"{_shade(a_shade, scale)}>{token_html(text)}</span>')
     return "".join(parts)
+
+
+def hist_svg(counts: np.ndarray, edges: np.ndarray = HIST_EDGES, width: int = 320, height: int = 64) -> str:
+    """An inline SVG bar chart of a latent's activation histogram (``counts`` [len(edges) - 1] on ``edges``), drawn
+    over the bins from the first to the last non-empty one on a log activation axis; each bar's tooltip gives its
+    range and count. Empty string when every count is 0."""
+    counts = np.asarray(counts)
+    nz = np.flatnonzero(counts)
+    if not len(nz):
+        return ""
+    a, b = int(nz[0]), int(nz[-1]) + 1
+    c = counts[a:b]
+    top, n = float(c.max()), len(c)
+    h = height - 14
+    bw = width / n
+    bars = []
+    for j, v in enumerate(c):
+        bh = 0 if v == 0 else max(1.0, h * v / top)
+        tip = html.escape(f"{edges[a + j]:.3g}–{edges[a + j + 1]:.3g}: {int(v):,}")
+        bars.append(f'<rect x="{j * bw:.1f}" y="{h - bh:.1f}" width="{max(bw - 0.5, 0.5):.1f}" height="{bh:.1f}">'
+                    f"<title>{tip}</title></rect>")
+    label = (f'<text x="0" y="{height - 2}">{edges[a]:.3g}</text>'
+             f'<text x="{width / 2:.0f}" y="{height - 2}" text-anchor="middle">activation (log scale), '
+             f"{int(c.sum()):,} firings, tallest bar {int(top):,}</text>"
+             f'<text x="{width}" y="{height - 2}" text-anchor="end">{edges[b]:.3g}</text>')
+    return (f'<svg class="hist" width="{width}" height="{height}" role="img" aria-label="activation histogram">'
+            + "".join(bars) + label + "</svg>")
+
+
+def logits_html(le: LatentExamples, decode: Callable[[int], str]) -> str:
+    """The tokens whose logits the latent's decoder direction raises / lowers most (W_dec[i] · W_U)."""
+    def items(pairs, cls):
+        return "".join(f'<span class="ctx" title="id {t}">{token_html(decode(t))}</span>'
+                       f'<span class="{cls}">{v:+.3g}</span> ' for t, v in pairs)
+
+    return ('<div class="logits"><div><strong>raises</strong> ' + items(le.logits_up, "up") + "</div>"
+            "<div><strong>lowers</strong> " + items(le.logits_down, "down") + "</div></div>")
+
+
+def add_logit_effects(ex: SAEExamples, W_dec: torch.Tensor, W_U: torch.Tensor, k: int = 8) -> None:
+    """Set ``logits_up`` / ``logits_down`` (:func:`logit_effects`) of every shown latent of ``ex``."""
+    eff = logit_effects(W_dec, W_U, [le.latent for le in ex.latents], k)
+    for le in ex.latents:
+        le.logits_up, le.logits_down = eff[le.latent]
 
 
 def _slug(name: str, taken: set[str]) -> str:
@@ -439,7 +575,8 @@ def write_browser(examples_by_sae: dict[str, SAEExamples], tokenizer: Any, out_d
     """Write the static feature browser for ``examples_by_sae`` ({SAE name: :func:`top_examples` result}) to
     ``out_dir``: ``index.html``, one ``<sae>.html`` and ``<sae>.json`` per SAE (file names are the SAE names
     reduced to ``[A-Za-z0-9._-]``). tokenizer: a Hugging Face tokenizer (``decode([id])``), a callable id → str,
-    or None (ids are shown). header_lines: plain-text lines shown under the index title (escaped).
+    or None (ids are shown). header_lines: lines shown under the index title (escaped; the report's inline Markdown
+    subset, e.g. ``code``, is rendered).
     Returns the path of ``index.html``.
     """
     out = Path(out_dir)
@@ -447,12 +584,14 @@ def write_browser(examples_by_sae: dict[str, SAEExamples], tokenizer: Any, out_d
     decode = _Decoder(tokenizer)
     taken: set[str] = {"index"}
     index_parts = [f"<h1>{html.escape(title)}</h1>"]
-    index_parts += [f'<p class="meta">{html.escape(str(line))}</p>' for line in header_lines]
+    index_parts += [f'<p class="meta">{inline_html(str(line))}</p>' for line in header_lines]
     index_parts.append(
         '<p class="meta">Density: fraction of scanned tokens on which the latent fires. Latents shown: '
         "half the first alive latents by index (an unbiased sample), half the most frequent ones, unless "
         "chosen by id. Each example marks the activating token (outlined) in its context; tokens are shaded "
-        "by the latent's activation relative to its max. Whitespace: · space, ↵ newline, ⇥ tab.</p>")
+        "by the latent's activation relative to its max; text is shown as written (↵ marks a newline, ∅ an empty "
+        "token; hover a token for its id). Each latent's page adds a histogram of its activations and, when the "
+        "model was available, the tokens whose logits its decoder direction raises and lowers most.</p>")
     for name, ex in examples_by_sae.items():
         slug = _slug(name, taken)
         page = f"{slug}.html"
@@ -490,6 +629,10 @@ def _write_sae_page(path: Path, name: str, ex: SAEExamples, decode: _Decoder) ->
         parts.append(f'<section id="l{le.latent}"><h2>Latent {le.latent}</h2>'
                      f'<p class="meta">density {_fmt_freq(le.freq)} · max act {le.max_act:.4g} · shown because: '
                      f"{_REASONS.get(le.reason, html.escape(le.reason))}</p>")
+        if le.hist is not None and le.hist.sum() > 0:
+            parts.append(hist_svg(le.hist))
+        if le.logits_up or le.logits_down:
+            parts.append(logits_html(le, decode))
         if not le.examples:
             parts.append('<p class="muted">never fired on the scanned tokens</p></section>')
             continue

@@ -195,11 +195,11 @@ def top_unigram_match(sae, unigram: torch.Tensor, x: torch.Tensor, tokens: torch
 def plot_unigram_match(results: dict[str, UnigramMatch], path):
     """Per SAE, the share of alive latents whose top unigram is their top-activating cache token, and the share
     that any unigram activates at all (paper Sec. 3.2, Fig. 9)."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import legend_outside, subplots
 
     names = list(results)
     xs = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(max(4.5, 1.2 * len(names) + 2), 4))
+    fig, ax = subplots(figsize=(max(6.5, 0.6 * len(names) + 4), 4))
     a = [results[n].fraction for n in names]
     b = [results[n].fraction_unigram for n in names]
     ax.bar(xs - 0.2, b, 0.4, label="some unigram activates it", color="C7")
@@ -208,8 +208,8 @@ def plot_unigram_match(results: dict[str, UnigramMatch], path):
         if not math.isnan(v):
             ax.text(x, v, f"{v:.0%}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(xs, names, rotation=20, ha="right", fontsize=8)
-    ax.set(ylim=(0, 1.25), ylabel="fraction of alive latents", title="latents that are unigram features")
-    ax.legend(fontsize=7, loc="upper center", ncol=2)
+    ax.set(ylim=(0, 1.1), ylabel="fraction of alive latents", title="latents that are unigram features")
+    legend_outside(ax)
     return _save(fig, path)
 
 
@@ -261,18 +261,18 @@ def encoder_decoder_cosine(W_enc: torch.Tensor, W_dec: torch.Tensor, firing_freq
 def plot_encdec_cosine(results: dict[str, EncDecCosine], path, tokenized: Iterable[str] = ()):
     """cos(encoder, decoder) of every latent against its held-out firing frequency (log x); never-firing latents in
     the left strip: dead latents keep cos ≈ 1 from the transpose init (paper App. C.2, Fig. 14)."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import legend_outside, sae_styles, subplots
 
-    fig, (a0, a1) = plt.subplots(1, 2, figsize=(7.5, 4.2), sharey=True, gridspec_kw={"width_ratios": [1, 5]})
+    fig, (a0, a1) = subplots(1, 2, figsize=(10, 4.5), sharey=True, gridspec_kw={"width_ratios": [1, 4]})
     rng = np.random.default_rng(0)
-    tok = set(tokenized)
+    styles = sae_styles(results)  # tokenized: dashed lines elsewhere; here colour + marker tell SAEs apart
     thr = None
     for i, (name, r) in enumerate(results.items()):
         dead = r.freq == 0
-        mk = "x" if name in tok else "o"
-        a0.scatter(i + rng.uniform(-0.3, 0.3, int(dead.sum())), r.cos[dead], s=4, alpha=0.4, color=f"C{i}", marker=mk)
-        a1.scatter(r.freq[~dead], r.cos[~dead], s=4, alpha=0.4, color=f"C{i}", marker=mk,
-                   label=f"{name} ({dead.mean():.1%} never fire)")
+        sty = styles[name]
+        a0.scatter(i + rng.uniform(-0.3, 0.3, int(dead.sum())), r.cos[dead], s=5, alpha=0.4, **sty.scatter())
+        a1.scatter(r.freq[~dead], r.cos[~dead], s=5, alpha=0.4,
+                   **sty.scatter(label=f"{name} ({dead.mean():.1%} never fire)"))
         thr = r.threshold
     if thr is not None:
         for a in (a0, a1):
@@ -280,7 +280,9 @@ def plot_encdec_cosine(results: dict[str, EncDecCosine], path, tokenized: Iterab
     a0.set_xticks(range(len(results)), list(results), rotation=90, fontsize=7)
     a0.set(xlabel="never fired", ylabel="cos(W_enc[:, i], W_dec[i])", xlim=(-0.6, max(len(results), 1) - 0.4))
     a1.set(xscale="log", xlabel="held-out firing frequency", title="encoder–decoder cosine vs firing frequency")
-    a1.legend(fontsize=7, markerscale=3)
+    leg = legend_outside(a1, markerscale=2.5)
+    for h in leg.legend_handles:
+        h.set_alpha(1)
     return _save(fig, path)
 
 
@@ -334,18 +336,17 @@ def encoder_unigram_cosine(W_enc: torch.Tensor, unigram: torch.Tensor, center: t
 def plot_unigram_cosine(max_cos: dict[str, np.ndarray], path, tokenized: Iterable[str] = ()):
     """Histogram over latents of the max cosine between the latent's encoder vector and any unigram activation,
     one series per SAE: mass near 1 means latents that detect single tokens (paper App. C.3, Fig. 15)."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import legend_outside, sae_styles, subplots
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(8, 4.2))
+    styles = sae_styles(max_cos)
     for i, (name, c) in enumerate(max_cos.items()):
         c = np.asarray(c)
         med = float(np.median(c)) if len(c) else math.nan
-        ax.hist(np.clip(c, -0.2, 1), bins=50, range=(-0.2, 1), histtype="step", color=f"C{i}",
-                ls=_style(name, tokenized),
-                label=f"{name} (median {med:.2f})")
+        ax.hist(np.clip(c, -0.2, 1), bins=50, range=(-0.2, 1), **styles[name].hist(label=f"{name} (median {med:.2f})"))
     ax.set(xlabel="max_t cos(W_enc[:, i], unigram[t])", ylabel="latents",
            title="encoder alignment with unigram activations")
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     return _save(fig, path)
 
 
@@ -483,24 +484,25 @@ def sample_latents(top: TopActivations, n: int, seed: int = 0) -> np.ndarray:
 def plot_suffix_lengths(results: dict[str, SuffixLengths], path, tokenized: Iterable[str] = ()):
     """Histograms, per SAE, of the shortest suffix n-gram of a latent's top context that makes it fire (left) and
     that restores ≥ 90 % of its top activation (right); short suffixes mean local, n-gram-like latents (Fig. 16)."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import legend_outside, sae_styles, subplots
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    fig, axes = subplots(2, 1, figsize=(9, 7), sharex=True)
     max_n = max([r.max_n for r in results.values()] + [1])
     bins = np.arange(0.5, max_n + 2.5)
+    styles = sae_styles(results)
     for i, (name, r) in enumerate(results.items()):
         v = r.valid & (r.context_len > 0)
         for ax, arr in zip(axes, (r.first_active, r.first_frac)):
-            ax.hist(np.minimum(arr[v], max_n + 1), bins=bins, histtype="step", color=f"C{i}",
-                    ls=_style(name, tokenized), label=f"{name} (median {np.median(arr[v]) if v.any() else 0:.0f})")
+            ax.hist(np.minimum(arr[v], max_n + 1), bins=bins,
+                    **styles[name].hist(label=f"{name} (median {np.median(arr[v]) if v.any() else 0:.0f})"))
     frac = next(iter(results.values())).frac if results else 0.9
     step = max(1, max_n // 8)
     ticks = [t for t in range(1, max_n) if t == 1 or t % step == 0] + [max_n + 1]
     for ax, what in zip(axes, ("activation > 0", f"activation ≥ {frac:.0%} of top")):
         ax.set_xticks(ticks, [str(t) for t in ticks[:-1]] + [f">{max_n}"])
-        ax.set(xlabel="suffix length n (tokens after BOS)", title=f"shortest suffix with {what}")
-        ax.legend(fontsize=7)
-    axes[0].set_ylabel("latents")
+        ax.set(ylabel="latents", title=f"shortest suffix with {what}")
+        legend_outside(ax)
+    axes[1].set_xlabel("suffix length n (tokens after BOS)")  # shared x axis: labelled once, at the bottom
     return _save(fig, path)
 
 
@@ -631,9 +633,10 @@ def nearest_unigram(x: torch.Tensor, tokens: torch.Tensor, unigram: torch.Tensor
 def plot_nearest_unigram(results: dict[str, NearestUnigram], path, edges: np.ndarray | None = None):
     """Fraction of residuals whose nearest unigram activation (L2 solid, cosine dashed) is their own token's,
     by position in the sequence; one colour per series, e.g. per hook (paper App. C.4, Fig. 17)."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import generic_styles, legend_outside, subplots
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = subplots(figsize=(8, 4))
+    styles = generic_styles(results)
     if not any(r.positions is not None for r in results.values()):
         names = list(results)
         xs = np.arange(len(names))
@@ -645,11 +648,12 @@ def plot_nearest_unigram(results: dict[str, NearestUnigram], path, edges: np.nda
         if not rows:
             continue
         x = [math.sqrt(max(q["lo"], 0.5) * max(q["hi"] - 1, 0.5)) for q in rows]
-        ax.plot(x, [q["frac_l2"] for q in rows], "-o", ms=3, color=f"C{i}", label=f"{name} L2 ({r.frac_l2:.1%})")
-        ax.plot(x, [q["frac_cos"] for q in rows], "--s", ms=3, color=f"C{i}", label=f"{name} cosine ({r.frac_cos:.1%})")
+        col = styles[name].color
+        ax.plot(x, [q["frac_l2"] for q in rows], "-o", ms=3, color=col, label=f"{name} L2 ({r.frac_l2:.1%})")
+        ax.plot(x, [q["frac_cos"] for q in rows], "--s", ms=3, color=col, label=f"{name} cosine ({r.frac_cos:.1%})")
         ax.set(xscale="log", xlabel="position in sequence (bucket)")
     ax.set(ylim=(0, 1.05), ylabel="fraction nearest = own token",
            title="residual nearest to its own token's unigram activation")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     return _save(fig, path)

@@ -59,21 +59,32 @@ def frontiers(results: list[dict], metric: str) -> Frontier:
 
 
 def plot_frontier(fr: Frontier, path, ylabel: str):
-    """Held-out metric vs L0 for every SAE (dots) and each family's Pareto front (line): lower-left is better."""
-    import matplotlib.pyplot as plt
+    """Held-out metric vs L0 for every SAE (one labelled marker each, styled per SAE by
+    :func:`pipeline.analysis.plots.sae_styles`) and each family's Pareto front (line in the family's colour, solid
+    plain, dashed tokenized): lower-left is better. Log axes where the values span a factor > 30."""
+    from pipeline.analysis.plots import family_style, legend_outside, sae_styles, subplots
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, (g, ps) in enumerate(sorted(fr.points.items())):
-        color = f"C{i}"
-        ls = "--" if "tokenized" in g else "-"
-        ax.scatter([p[1] for p in ps], [p[2] for p in ps], color=color, s=18, alpha=0.7)
+    fig, ax = subplots(figsize=(8.5, 5))
+    styles = sae_styles([p[0] for ps in fr.points.values() for p in ps])
+    ys = []
+    for g, ps in sorted(fr.points.items()):
+        arch, tok = g.split(" ")[0], g.endswith("tokenized")
+        fam = family_style(arch, tok)
         f = [ps[j] for j in fr.front[g]]
-        ax.plot([p[1] for p in f], [p[2] for p in f], ls, color=color, label=g, marker="o", ms=3)
-    ax.set_xlabel("L0 (held-out)")
+        ax.plot([p[1] for p in f], [p[2] for p in f], color=fam.color, ls=fam.ls, lw=1.2, alpha=0.8,
+                label=f"{g} front")
+        for name, x, y in ps:
+            ax.scatter([x], [y], s=28, zorder=3, **styles[name].scatter(label=name))
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=6, color="#333")
+            ys.append(y)
+    ax.set_xlabel("L0 (held-out, log scale)")
     ax.set_ylabel(ylabel)
     ax.set_xscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    pos = [y for y in ys if y > 0]
+    if pos and max(pos) / min(pos) > 30:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    legend_outside(ax)
     ax.set_title(f"{ylabel} vs L0 (Pareto fronts)")
     return _save(fig, path)
 
@@ -133,22 +144,25 @@ def convergence(plain: str, tok: str, logs: dict[str, list[dict]], key: str) -> 
 
 
 def plot_convergence(pairs: list[tuple[str, str]], logs: dict[str, list[dict]], key: str, ylabel: str, path):
-    """Held-out metric against training tokens for each plain SAE (solid) and its tokenized twin (dashed);
-    the dotted line is the plain SAE's final value, which the tokenized one reaches earlier."""
-    import matplotlib.pyplot as plt
+    """Held-out metric against training tokens for each plain SAE (solid) and its tokenized twin (dashed), styled by
+    :func:`pipeline.analysis.plots.sae_styles`; the thin dotted line is the plain SAE's final value, which the
+    tokenized one reaches earlier."""
+    from pipeline.analysis.plots import legend_outside, sae_styles, subplots
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for i, (p, t) in enumerate(pairs):
-        for name, ls in ((p, "-"), (t, "--")):
+    fig, ax = subplots(figsize=(8, 4.5))
+    styles = sae_styles([n for pt in pairs for n in pt])
+    for p, t in pairs:
+        for name in (p, t):
             rows = [r for r in logs.get(name, []) if r.get(key) is not None]
-            ax.plot([r["tokens"] for r in rows], [r[key] for r in rows], ls, color=f"C{i}", label=name)
+            ax.plot([r["tokens"] for r in rows], [r[key] for r in rows],
+                    **styles[name].line(label=name, ms=3, markevery=max(1, len(rows) // 8)))
         rows = [r for r in logs.get(p, []) if r.get(key) is not None]
         if rows:
-            ax.axhline(rows[-1][key], color=f"C{i}", ls=":", lw=0.8)
+            ax.axhline(rows[-1][key], color=styles[p].color, ls=":", lw=0.8)
     ax.set_xlabel("training tokens")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     ax.set_title(f"{ylabel} during training: plain vs tokenized")
     return _save(fig, path)
 
@@ -197,16 +211,17 @@ def lookup_drift(lookup: torch.Tensor, unigram: torch.Tensor, alpha: float, toke
 
 
 def plot_lookup_drift(drifts: dict[str, LookupDrift], path):
-    """Histogram of cos(trained lookup row, unigram activation) for tokens seen in training, per tokenized SAE:
-    near 1 means the lookup stayed a unigram table."""
-    import matplotlib.pyplot as plt
+    """Histogram of cos(trained lookup row, unigram activation) for tokens seen in training, per tokenized SAE
+    (styled by :func:`pipeline.analysis.plots.sae_styles`): near 1 means the lookup stayed a unigram table."""
+    from pipeline.analysis.plots import legend_outside, sae_styles, subplots
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    fig, ax = subplots(figsize=(8, 4.0))
+    styles = sae_styles(drifts)
     for name, d in drifts.items():
-        ax.hist(d.cosine[d.seen], bins=50, range=(-1, 1), histtype="step", label=name)
+        ax.hist(d.cosine[d.seen], bins=50, range=(-1, 1), **styles[name].hist(label=name))
     ax.set_xlabel("cos(W_lookup[t], unigram[t]), tokens seen")
     ax.set_ylabel("tokens")
     ax.set_yscale("log")
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     ax.set_title("trained lookup vs its unigram initialisation")
     return _save(fig, path)

@@ -295,13 +295,13 @@ def initial_matching_matrix(saes: dict[str, SAE], threshold: float = 0.7, **kw) 
 
 def plot_matching_matrix(mm: MatchingMatrix, path, metric: str = "mmcs"):
     """Heatmaps of MMCS (or matching ratio) of each row SAE's latents against each column SAE, decoder | encoder."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import subplots
 
     table = mm.mmcs if metric == "mmcs" else mm.ratio
     bys = list(table)
     n = len(mm.names)
     size = max(3.5, 0.45 * n + 2)
-    fig, axes = plt.subplots(1, len(bys), figsize=(size * len(bys) + 1, size), squeeze=False)
+    fig, axes = subplots(1, len(bys), figsize=(size * len(bys) + 1, size), squeeze=False)
     for ax, by in zip(axes[0], bys):
         m = table[by]
         im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis")
@@ -320,21 +320,23 @@ def plot_matching_matrix(mm: MatchingMatrix, path, metric: str = "mmcs"):
 
 def plot_max_cosine(matchings: dict[str, Matching], path):
     """Histogram of each latent's best-match cosine in the other SAE (A→B solid, B→A dotted), threshold dashed."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import generic_styles, legend_outside, subplots
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(9, 4.2))
     bins = np.linspace(-0.2, 1.0, 61)
     thresholds = set()
+    styles = generic_styles(matchings)
     for i, (name, m) in enumerate(matchings.items()):
-        ax.hist(m.max_ab, bins=bins, histtype="step", color=f"C{i}",
+        col = styles[name].color
+        ax.hist(m.max_ab, bins=bins, histtype="step", color=col,
                 label=f"{name} ({m.by}): MMCS {m.mmcs_ab:.2f}, ratio {m.ratio_ab:.0%}")
-        ax.hist(m.max_ba, bins=bins, histtype="step", ls=":", color=f"C{i}")
+        ax.hist(m.max_ba, bins=bins, histtype="step", ls=":", color=col, label=f"{name}, B → A")
         thresholds.add(m.threshold)
     for t in thresholds:
         ax.axvline(t, color="k", lw=0.8, ls="--")
     ax.set_xlabel("max cosine to the other SAE's latents")
     ax.set_ylabel("latents")
     ax.set_yscale("log")
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     ax.set_title("feature matching: best-match cosine per latent")
     return _save(fig, path)

@@ -202,20 +202,22 @@ def train_meta_sae(sae_or_rows: SAE | torch.Tensor | np.ndarray, config: MetaSAE
 
 def plot_meta_sae(results: dict[str, MetaSAEResult], path):
     """Meta-SAE variance explained over training epochs (left) and meta-latents active per decoder row (right)."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import legend_outside, sae_styles, subplots
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax, bx) = subplots(1, 2, figsize=(13, 4))
     top = max([int(r.decomposition.n_active.max()) for r in results.values()] + [1])
+    styles = sae_styles(results)
     for i, (name, r) in enumerate(results.items()):
         d = r.decomposition
-        ax.plot(r.history_epoch, r.history_ve, color=f"C{i}",
-                label=f"{name}: {d.variance_explained:.1%} ({r.sae.params.d_sae} meta-latents, k={r.config.k})")
-        bx.hist(d.n_active, bins=np.arange(top + 2) - 0.5, histtype="step", color=f"C{i}",
-                label=f"{name}: mean {d.l0:.2f}")
+        sty = styles[name]
+        ax.plot(r.history_epoch, r.history_ve, **sty.line(
+            ms=3, markevery=max(1, len(r.history_epoch) // 8),
+            label=f"{name}: {d.variance_explained:.1%} ({r.sae.params.d_sae} meta-latents, k={r.config.k})"))
+        bx.hist(d.n_active, bins=np.arange(top + 2) - 0.5, **sty.hist(label=f"{name}: mean {d.l0:.2f}"))
     ax.set(xlabel="epoch", ylabel="variance explained (inference mode)", title="meta-SAE on decoder rows")
     ax.set_ylim(top=1)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    legend_outside(ax)
     bx.set(xlabel="active meta-latents per decoder row", ylabel="latents", title="decomposition size")
-    bx.legend(fontsize=7)
+    legend_outside(bx)
     return _save(fig, path)

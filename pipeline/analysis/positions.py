@@ -337,40 +337,52 @@ def _scale_limits(ax, values: list[np.ndarray]) -> None:
 
 def plot_position_overall(stats: dict[str, PositionStats], path):
     """Mean ± std of all latent activations, active latents (L0) and input norm ‖x‖ by token position, one
-    line per SAE; position 0 (BOS) is marked and left out of the y-scaling."""
-    import matplotlib.pyplot as plt
+    line per SAE (style from :mod:`pipeline.analysis.plots`); the ± std bands are clipped at 0, since all three
+    quantities are non-negative (the axis labels say so). Position 0 (BOS) is marked and left out of the
+    y-scaling."""
+    from pipeline.analysis.plots import legend_outside, sae_styles, subplots
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = subplots(1, 3, figsize=(16, 4.2))
     vis = {0: [], 1: [], 2: []}
+    styles = sae_styles(stats)
+    alpha = 0.12 if len(stats) <= 4 else 0.05  # many overlapping bands would hide the lines
     for name, st in stats.items():
         p = np.arange(st.context_size)
         s = st.first()
-        (line,) = axes[0].plot(p, st.overall_mean, label=name)
-        axes[0].fill_between(p, st.overall_mean - st.overall_std, st.overall_mean + st.overall_std,
-                             color=line.get_color(), alpha=0.15)
-        axes[1].plot(p, st.l0_mean, color=line.get_color(), label=name)
-        axes[1].fill_between(p, st.l0_mean - st.l0_std, st.l0_mean + st.l0_std, color=line.get_color(), alpha=0.15)
-        vis[0] += [st.overall_mean[s:] - st.overall_std[s:], st.overall_mean[s:] + st.overall_std[s:]]
-        vis[1] += [st.l0_mean[s:] - st.l0_std[s:], st.l0_mean[s:] + st.l0_std[s:]]
+        kw = styles[name].line(label=name, ms=3, markevery=max(1, st.context_size // 8))
+        axes[0].plot(p, st.overall_mean, **kw)
+        axes[0].fill_between(p, np.maximum(st.overall_mean - st.overall_std, 0), st.overall_mean + st.overall_std,
+                             color=kw["color"], alpha=alpha)
+        axes[1].plot(p, st.l0_mean, **kw)
+        axes[1].fill_between(p, np.maximum(st.l0_mean - st.l0_std, 0), st.l0_mean + st.l0_std, color=kw["color"],
+                             alpha=alpha)
+        vis[0] += [np.maximum(st.overall_mean[s:] - st.overall_std[s:], 0), st.overall_mean[s:] + st.overall_std[s:]]
+        vis[1] += [np.maximum(st.l0_mean[s:] - st.l0_std[s:], 0), st.l0_mean[s:] + st.l0_std[s:]]
     first = next(iter(stats.values()), None)
     if first is not None:
         p = np.arange(first.context_size)
         s = first.first()
         axes[2].plot(p, first.x_norm_mean, color="k")
-        axes[2].fill_between(p, first.x_norm_mean - first.x_norm_std, first.x_norm_mean + first.x_norm_std,
-                             color="k", alpha=0.15)
-        vis[2] += [first.x_norm_mean[s:] - first.x_norm_std[s:], first.x_norm_mean[s:] + first.x_norm_std[s:]]
+        axes[2].fill_between(p, np.maximum(first.x_norm_mean - first.x_norm_std, 0),
+                             first.x_norm_mean + first.x_norm_std, color="k", alpha=0.15)
+        vis[2] += [np.maximum(first.x_norm_mean[s:] - first.x_norm_std[s:], 0),
+                   first.x_norm_mean[s:] + first.x_norm_std[s:]]
     for i, ax in enumerate(axes):
         _scale_limits(ax, vis[i])
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(max(lo, 0.0), hi)
+        ax.grid(alpha=0.3)
         if first is not None and first.bos_position is not None:
             ax.axvline(first.bos_position, color="grey", ls=":", lw=1)
             ax.annotate(" BOS: off scale", (first.bos_position, 0.02), xycoords=("data", "axes fraction"),
                         fontsize=7, va="bottom", color="grey")
-    axes[0].set(xlabel="token position", ylabel="latent activation (mean ± std over latents and tokens)",
+    axes[0].set(xlabel="token position", ylabel="latent activation\n(mean; band ± std, clipped at 0)",
                 title="activation by position")
-    axes[1].set(xlabel="token position", ylabel="active latents (L0)", title="L0 by position")
-    axes[2].set(xlabel="token position", ylabel="‖x‖ (mean ± std)", title="input norm by position")
-    axes[0].legend(fontsize=7, loc="upper right")
+    axes[1].set(xlabel="token position", ylabel="active latents L0\n(mean; band ± std, clipped at 0)",
+                title="L0 by position")
+    axes[2].set(xlabel="token position", ylabel="‖x‖ (mean; band ± std, clipped at 0)",
+                title="input norm by position")
+    legend_outside(fig)
     return _save(fig, path)
 
 
@@ -387,10 +399,10 @@ def top_position_latents(st: PositionStats, n: int, min_fire: float = 1e-3) -> n
 def plot_position_heatmap(stats: dict[str, PositionStats], path, n: int = 32):
     """Per-position mean activation of each SAE's ``n`` most position-dependent latents, each row divided by
     its own maximum (non-BOS positions; heat map, one panel per SAE)."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import subplots
 
     k = max(1, len(stats))
-    fig, axes = plt.subplots(1, k, figsize=(6 * k, 4.5), squeeze=False)
+    fig, axes = subplots(1, k, figsize=(6 * k, 4.5), squeeze=False)
     for ax, (name, st) in zip(axes[0], stats.items()):
         s = st.first()
         lat = top_position_latents(st, n)
@@ -411,32 +423,35 @@ def plot_position_heatmap(stats: dict[str, PositionStats], path, n: int = 32):
 def plot_deciles(stats: dict[str, PositionStats], path, n: int = 20):
     """Left: decile levels (10 %, …, 90 %; whiskers min–max) of the positive activations of each SAE's ``n``
     most frequently firing latents. Right: every fired latent's 10/50/90 % levels against its median, sorted
-    (the population view in which two kinds of latents separate)."""
-    import matplotlib.pyplot as plt
+    (the population view in which two kinds of latents separate). SAE styles from :mod:`pipeline.analysis.plots`."""
+    from pipeline.analysis.plots import legend_outside, sae_styles, subplots
 
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5))
+    fig, axes = subplots(1, 2, figsize=(15, 4.5))
     width = 0.8 / max(1, len(stats))
+    styles = sae_styles(stats)
     for j, (name, st) in enumerate(stats.items()):
         fired = np.flatnonzero(st.fires > 0)
         top = fired[np.argsort(-st.fires[fired], kind="stable")][:n]
         x = np.arange(len(top)) + (j - (len(stats) - 1) / 2) * width
         d = st.deciles[top]
-        color = f"C{j}"
+        sty = styles[name]
+        color = sty.color
         axes[0].vlines(x, d[:, 0], d[:, -1], color=color, lw=0.6, alpha=0.5)
         for q in range(1, 10):
-            axes[0].scatter(x, d[:, q], s=10 if q == 5 else 4, color=color, marker="o" if q == 5 else "_",
-                            label=name if q == 5 else None)
+            if q == 5:
+                axes[0].scatter(x, d[:, q], s=14, **sty.scatter(label=name))
+            else:
+                axes[0].scatter(x, d[:, q], s=4, color=color, marker="_")
         if len(fired):
             med = st.deciles[fired, 5]
             o = np.argsort(med)
             r = np.arange(len(o)) / max(1, len(o) - 1)
-            axes[1].plot(r, st.deciles[fired[o], 5], color=color, label=f"{name} median")
-            axes[1].fill_between(r, st.deciles[fired[o], 1], st.deciles[fired[o], 9], color=color, alpha=0.15)
+            axes[1].plot(r, st.deciles[fired[o], 5], **sty.line(label=name, ms=3, markevery=max(1, len(o) // 8)))
+            axes[1].fill_between(r, st.deciles[fired[o], 1], st.deciles[fired[o], 9], color=color, alpha=0.12)
     axes[0].set(yscale="log", xlabel="latent rank by firing count (most frequent first)",
-                ylabel="activation when firing", title="decile levels of the most frequent latents (o: median)")
+                ylabel="activation when firing", title="decile levels of the most frequent latents (marker: median)")
     axes[0].xaxis.get_major_locator().set_params(integer=True)
     axes[1].set(yscale="log", xlabel="latents, sorted by median (fraction)", ylabel="activation when firing",
-                title="median and 10–90 % range, all fired latents")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
+                title="median (line) and 10–90 % range (band), all fired latents")
+    legend_outside(fig)
     return _save(fig, path)

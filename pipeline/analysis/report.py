@@ -6,9 +6,18 @@ without one, or with a multi-line one, raises ValueError). :func:`write_report` 
 
 * ``report.md`` — Markdown (GitHub flavour): a table of contents, pipe tables, images linked by paths
   relative to the report's folder (so the Markdown is read next to its PNGs);
-* ``report.html`` — the same content rendered directly from the sections (no Markdown parser needed),
-  with a table of contents, simple CSS and every image embedded as a base64 ``data:`` URI, so the
-  file can be shared alone. Links written in the text (e.g. to ``browser/index.html``) stay relative.
+* ``report.html`` — the same content rendered directly from the sections by a Jinja2 template
+  (:data:`HTML_TEMPLATE`, autoescaping on; no Markdown parser needed), with a table of contents, simple
+  CSS and every image embedded as a base64 ``data:`` URI, so the file can be shared alone. Links written
+  in the text (e.g. to ``browser/index.html``) stay relative.
+
+Wide tables never run off the page: in ``report.html`` every table sits in a box that scrolls
+horizontally; in ``report.md`` a table of more than :data:`MD_MAX_COLUMNS` columns is transposed when
+it has few rows (its first column becomes the header), else split into several tables that each repeat
+the first column (:func:`md_table_parts`).
+
+A section may carry a one-line ``headline`` (its main finding), which the stage collects into the
+report's opening summary.
 
 Text (header lines, paragraphs, section and table titles, captions) may use a small Markdown inline
 subset — ``code``, **bold**, *italic*, [text](url) — rendered in both files; everything else is
@@ -78,7 +87,8 @@ def _check_caption(path: Any, caption: Any) -> None:
 class Section:
     """One analysis. key: a unique identifier (the HTML anchor, ``#key``); title: the heading; paragraphs: text
     before the tables (one paragraph each); tables, figures; data: machine-readable results (not rendered;
-    ``stages/analyze.py`` writes them to ``results.json``)."""
+    ``stages/analyze.py`` writes them to ``results.json``); headline: one line quoted in the summary; closing:
+    paragraphs after the tables and figures."""
 
     key: str
     title: str
@@ -86,10 +96,15 @@ class Section:
     tables: list[Table] = field(default_factory=list)
     figures: list[Figure] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    headline: str = ""
+    """One line: the section's main finding, quoted in the report's summary (empty: none)."""
+    closing: list[str] = field(default_factory=list)
+    """Paragraphs after the tables and figures (same inline Markdown subset as ``paragraphs``)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.paragraphs, str):
             self.paragraphs = [self.paragraphs]
+        self.headline = " ".join(str(self.headline or "").split())
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -182,6 +197,28 @@ def _validate(sections: Sequence[Section]) -> None:
 # Writers
 
 
+MD_MAX_COLUMNS = 7
+"""Markdown tables wider than this are transposed (few rows) or split (many rows): a pipe table cannot scroll."""
+
+
+def md_table_parts(t: Table, max_cols: int = MD_MAX_COLUMNS) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """How ``t`` is written in Markdown: [(title, columns, rows)]. As is when it has at most ``max_cols`` columns;
+    transposed (one row per original column, the first column's cells as header) when it has at most
+    ``max_cols - 1`` rows; else split into column groups of at most ``max_cols`` that each repeat the first
+    column, titled "(part i/n)"."""
+    n = len(t.columns)
+    if n <= max_cols:
+        return [(t.title, t.columns, t.rows)]
+    if 0 < len(t.rows) <= max_cols - 1:
+        cols = [t.columns[0], *[_cell(r[0]) for r in t.rows]]
+        rows = [[c, *[r[i] for r in t.rows]] for i, c in enumerate(t.columns) if i > 0]
+        return [(f"{t.title} (transposed)" if t.title else "(transposed)", cols, rows)]
+    step = max_cols - 1
+    groups = [list(range(i, min(i + step, n))) for i in range(1, n, step)]
+    return [(f"{t.title} (part {g + 1}/{len(groups)})", [t.columns[0], *[t.columns[i] for i in idx]],
+             [[r[0], *[r[i] for i in idx]] for r in t.rows]) for g, idx in enumerate(groups)]
+
+
 def render_markdown(sections: Sequence[Section], out_dir: str | Path, title: str,
                     header_lines: Sequence[str] = (), figure_paths: dict[int, Path] | None = None) -> str:
     """The Markdown text of the report; images are linked relative to ``out_dir``."""
@@ -198,18 +235,21 @@ def render_markdown(sections: Sequence[Section], out_dir: str | Path, title: str
         for p in s.paragraphs:
             lines += [str(p), ""]
         for t in s.tables:
-            if t.title:
-                lines += [f"**{_md_oneline(t.title)}**", ""]
-            lines.append("| " + " | ".join(_md_cell(c) for c in t.columns) + " |")
-            lines.append("|" + "|".join("---" for _ in t.columns) + "|")
-            lines += ["| " + " | ".join(_md_cell(v) for v in r) + " |" for r in t.rows]
-            lines.append("")
+            for j, (title, cols, rows) in enumerate(md_table_parts(t)):
+                if title:
+                    lines += [f"**{_md_oneline(title)}**", ""]
+                lines.append("| " + " | ".join(_md_cell(c) for c in cols) + " |")
+                lines.append("|" + "|".join("---" for _ in cols) + "|")
+                lines += ["| " + " | ".join(_md_cell(v) for v in r) + " |" for r in rows]
+                lines.append("")
         for f in s.figures:
             n_fig += 1
             p = (figure_paths or {}).get(id(f)) or _resolve(f.path, out)
             cap = _md_oneline(f.caption)
             alt = cap.replace("[", "(").replace("]", ")")
             lines += [f"![{alt}]({_rel(p, out)})", "", f"*Figure {n_fig}.* {cap}", ""]
+        for p in s.closing:
+            lines += [str(p), ""]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -219,10 +259,12 @@ body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em a
 h1{font-size:1.7em}h2{font-size:1.3em;margin-top:2em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 nav.toc{background:#f7f7f7;border:1px solid #e3e3e3;padding:.5em 1.5em;border-radius:4px}
 nav.toc ol{margin:.3em 0;padding-left:1.2em}
-table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.9em}
-caption{caption-side:top;text-align:left;font-weight:600;padding:.2em 0}
+.table-wrap{overflow-x:auto;max-width:100%;margin:0 0 1.2em}
+table{border-collapse:collapse;font-size:.9em}
+p.tcap{font-weight:600;margin:1em 0 .2em}
 th,td{border:1px solid #ddd;padding:.25em .6em;text-align:left;vertical-align:top}
-th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums}
+th{background:#f4f4f4}td.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+td.short{white-space:nowrap}
 figure{margin:1em 0 1.5em}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.9em;color:#444}code{background:#f3f3f3;padding:0 .2em;border-radius:3px}
 .meta{color:#666;font-size:.85em}
@@ -231,47 +273,66 @@ figcaption{font-size:.9em;color:#444}code{background:#f3f3f3;padding:0 .2em;bord
 _NUMERIC = re.compile(r"^[\s+\-−]*[\d.,]+(e[+\-]?\d+)?\s*[%×]?$", re.I)
 
 
+HTML_TEMPLATE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{{ title }}</title><style>{{ css }}</style></head>
+<body>
+<h1>{{ title_html }}</h1>
+{% for h in header %}<p>{{ h }}</p>
+{% endfor %}<nav class="toc" id="contents"><strong>Contents</strong><ol>
+{% for s in sections %}<li><a href="#{{ s.anchor }}">{{ s.title }}</a></li>
+{% endfor %}</ol></nav>
+{% for s in sections %}<section id="{{ s.anchor }}"><h2>{{ s.title }}</h2>
+{% for p in s.paragraphs %}<p>{{ p }}</p>
+{% endfor %}{% for t in s.tables %}{% if t.title %}<p class="tcap">{{ t.title }}</p>{% endif %}<div class="table-wrap"><table>
+<thead><tr>{% for c in t.columns %}<th>{{ c }}</th>{% endfor %}</tr></thead>
+<tbody>{% for r in t.rows %}<tr>{% for c in r %}<td{% if c.num %} class="num"{% elif c.short %} class="short"{% endif %}>{{ c.text }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table></div>
+{% endfor %}{% for f in s.figures %}<figure id="fig-{{ f.n }}"><img src="data:{{ f.mime }};base64,{{ f.data }}" alt="{{ f.alt }}">
+<figcaption><strong>Figure {{ f.n }}.</strong> {{ f.caption }} <span class="meta">({{ f.rel }})</span></figcaption></figure>
+{% endfor %}{% for p in s.closing %}<p>{{ p }}</p>
+{% endfor %}<p class="meta"><a href="#contents">↑ contents</a></p></section>
+{% endfor %}<p class="meta">Generated {{ stamp }} by tsae.</p>
+</body></html>
+"""
+"""The report page (Jinja2, autoescaped): text already rendered by :func:`inline_html` is passed as Markup."""
+
+
 def render_html(sections: Sequence[Section], out_dir: str | Path, title: str, header_lines: Sequence[str] = (),
                 figure_paths: dict[int, Path] | None = None) -> str:
-    """The HTML text of the report with every image embedded (base64 ``data:`` URIs)."""
+    """The HTML text of the report (:data:`HTML_TEMPLATE`) with every image embedded (base64 ``data:`` URIs)."""
+    import jinja2
+    from markupsafe import Markup
+
     out = Path(out_dir)
-    esc = html.escape
-    body = [f"<h1>{inline_html(title)}</h1>"]
-    body += [f"<p>{inline_html(h)}</p>" for h in header_lines]
-    body.append('<nav class="toc" id="contents"><strong>Contents</strong><ol>' + "".join(
-        f'<li><a href="#{_anchor(s.key)}">{inline_html(s.title)}</a></li>' for s in sections) + "</ol></nav>")
+    md = lambda x: Markup(inline_html(x))  # noqa: E731
     n_fig = 0
+    secs = []
     for s in sections:
-        body.append(f'<section id="{_anchor(s.key)}"><h2>{inline_html(s.title)}</h2>')
-        body += [f"<p>{inline_html(p)}</p>" for p in s.paragraphs]
+        tables = []
         for t in s.tables:
-            cap = f"<caption>{inline_html(t.title)}</caption>" if t.title else ""
-            head = "<tr>" + "".join(f"<th>{esc(c)}</th>" for c in t.columns) + "</tr>"
             rows = []
             for r in t.rows:
                 cells = []
                 for v in r:
                     c = _cell(v)
-                    cls = ' class="num"' if isinstance(v, (int, float)) and not isinstance(v, bool) or \
-                        _NUMERIC.match(c) else ""
-                    cells.append(f"<td{cls}>{esc(c)}</td>")
-                rows.append("<tr>" + "".join(cells) + "</tr>")
-            body.append(f"<table>{cap}<thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>")
+                    num = isinstance(v, (int, float)) and not isinstance(v, bool) or bool(_NUMERIC.match(c))
+                    cells.append({"text": c, "num": num, "short": len(c) <= 24})
+                rows.append(cells)
+            tables.append({"title": md(t.title) if t.title else "", "columns": t.columns, "rows": rows})
+        figs = []
         for f in s.figures:
             n_fig += 1
             p = (figure_paths or {}).get(id(f)) or _resolve(f.path, out)
-            mime = MIME.get(p.suffix.lower(), "application/octet-stream")
-            data = base64.b64encode(p.read_bytes()).decode("ascii")
-            alt = esc(f.caption, quote=True)
-            body.append(f'<figure id="fig-{n_fig}"><img src="data:{mime};base64,{data}" alt="{alt}">'
-                        f"<figcaption><strong>Figure {n_fig}.</strong> {inline_html(f.caption)} "
-                        f'<span class="meta">({esc(_rel(p, out))})</span></figcaption></figure>')
-        body.append('<p class="meta"><a href="#contents">↑ contents</a></p></section>')
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    body.append(f'<p class="meta">Generated {stamp} by tsae.</p>')
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
-            f'content="width=device-width, initial-scale=1"><title>{esc(title)}</title><style>{CSS}</style></head>'
-            "<body>\n" + "\n".join(body) + "\n</body></html>\n")
+            figs.append({"n": n_fig, "mime": MIME.get(p.suffix.lower(), "application/octet-stream"),
+                         "data": base64.b64encode(p.read_bytes()).decode("ascii"), "alt": f.caption,
+                         "caption": md(f.caption), "rel": _rel(p, out)})
+        secs.append({"anchor": _anchor(s.key), "title": md(s.title), "paragraphs": [md(p) for p in s.paragraphs],
+                     "tables": tables, "figures": figs, "closing": [md(p) for p in s.closing]})
+    env = jinja2.Environment(autoescape=True, keep_trailing_newline=True)
+    return env.from_string(HTML_TEMPLATE).render(
+        title=title, title_html=md(title), css=Markup(CSS), header=[md(h) for h in header_lines], sections=secs,
+        stamp=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"))
 
 
 def write_report(sections: Sequence[Section], out_dir: str | Path, title: str = "tsae analysis report",

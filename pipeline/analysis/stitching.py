@@ -462,13 +462,14 @@ def interpolate(sae0: SAE, sae1: SAE, x: torch.Tensor, tokens: torch.Tensor | No
 # -- figures -------------------------------------------------------------------------------------------
 def plot_latent_effects(effects: dict[str, LatentEffects], path):
     """Each larger-SAE latent's max decoder cosine to the smaller SAE vs its ΔMSE when added to it (Fig. 4)."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import generic_styles, legend_outside, subplots
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(8.5, 4.2))
     thetas = set()
+    styles = generic_styles(effects)
     for i, (name, e) in enumerate(effects.items()):
-        ax.scatter(e.max_cos, e.delta_mse, s=3, alpha=0.4, color=f"C{i}",
-                   label=f"{name}: {int(e.novel.sum())} novel / {len(e.novel)}")
+        ax.scatter(e.max_cos, e.delta_mse, s=4, alpha=0.4,
+                   **styles[name].scatter(label=f"{name}: {int(e.novel.sum())} novel / {len(e.novel)}"))
         thetas.add(e.threshold)
     for t in thetas:
         ax.axvline(t, color="k", ls="--", lw=0.8)
@@ -478,19 +479,22 @@ def plot_latent_effects(effects: dict[str, LatentEffects], path):
     ax.set_yscale("symlog", linthresh=float(np.percentile(d, 10)) if len(d) else 1e-6)
     ax.set_xlabel("max decoder cosine to the smaller SAE's latents")
     ax.set_ylabel("ΔMSE when added to the smaller SAE")
-    ax.legend(fontsize=7, markerscale=4)
+    leg = legend_outside(ax, markerscale=3)
+    for h in leg.legend_handles:
+        h.set_alpha(1)
     ax.set_title("stitching: adding one latent of the larger SAE")
     return _save(fig, path)
 
 
 def plot_interpolation(curves: dict[str, StitchCurve], path):
     """MSE vs L0 from the smaller SAE (o) via novel latents added, then components swapped, to the larger (□)."""
-    import matplotlib.pyplot as plt
+    from pipeline.analysis.plots import generic_styles, legend_outside, subplots
 
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax, bx) = subplots(1, 2, figsize=(16, 4.2))
     cx = bx.twinx()
+    styles = generic_styles(curves)
     for i, (name, c) in enumerate(curves.items()):
-        col = f"C{i}"
+        col = styles[name].color
         n_add = int((c.phase == "add").sum())
         ax.plot(c.l0[:n_add + 1], c.mse[:n_add + 1], "-", color=col, label=f"{name}: add {n_add} novel")
         ax.plot(c.l0[n_add:], c.mse[n_add:], "--", color=col, label=f"{name}: swap {len(c.mse) - 1 - n_add}")
@@ -501,7 +505,9 @@ def plot_interpolation(curves: dict[str, StitchCurve], path):
         cx.plot(steps, c.l0, color=col, ls=":", label=f"{name} L0")
         bx.axvline(n_add, color=col, lw=0.6, ls="--")
     ax.set(xlabel="L0", ylabel="MSE", title="SAE stitching: smaller (o) → larger (□)")
-    ax.legend(fontsize=7)
     bx.set(xlabel="step (dashed line: end of the novel latents)", ylabel="MSE (solid)", title="along the path")
     cx.set_ylabel("L0 (dotted)")
+    legend_outside(ax)
+    (hb, lb), (hc, lc) = bx.get_legend_handles_labels(), cx.get_legend_handles_labels()
+    legend_outside(cx, handles=[*hb, *hc], labels=[*lb, *lc])
     return _save(fig, path)
