@@ -352,10 +352,9 @@ def section_unigram_features(ctx: Context) -> Section:
                      if (live_counts > 0).any() else 0.0})
         sweeps[n] = u.sweep(grid)
         np.save(ctx.out / f"unigram_counts_{n}.npy", u.counts)
-    tok = [n for n, s in ctx.saes.items() if s.params.tokenized]
     fig = plots.plot_unigram_counts(counts, ctx.out / "unigram_feature_counts.png")
     fig2 = plot_unigram_match(matches, ctx.out / "unigram_match.png")
-    fig3 = U.plot_threshold_sweep(sweeps, ctx.out / "unigram_threshold_sweep.png", tokenized=tok, chosen=thr)
+    fig3 = U.plot_threshold_sweep(sweeps, ctx.out / "unigram_threshold_sweep.png", chosen=thr)
     _write_csv(ctx.out / "unigram_features.csv", rows)
     _write_csv(ctx.out / "unigram_threshold_sweep.csv", [{"sae": n, **r} for n, rs in sweeps.items() for r in rs])
     table = Table("Live latents activated by unigrams (95% Wilson interval)",

@@ -48,8 +48,8 @@ def test_report_renders_md_and_html(tmp_path):
 
     page = html_path.read_text()
     # table cells escaped (never interpreted), caption, TOC, embedded images
-    assert "<td>&lt;b&gt;&amp;amp</td>" in page
-    assert '<td class="num">1.235</td>' in page and "<td>a|b `c` *d*</td>" in page
+    assert "<td class=\"short\">&lt;b&gt;&amp;amp</td>" in page
+    assert '<td class="num">1.235</td>' in page and "<td class=\"short\">a|b `c` *d*</td>" in page
     assert "<b>&amp" not in page
     assert '<nav class="toc" id="contents">' in page
     assert '<a href="#first">First &lt;analysis&gt;</a>' in page and '<a href="#second">Second</a>' in page
@@ -58,7 +58,7 @@ def test_report_renders_md_and_html(tmp_path):
     assert '<a href="browser/index.html">the browser</a>' in page
     assert "<strong>Figure 1.</strong> A line going down: what this figure shows." in page
     assert "<strong>Figure 2.</strong> Another line, given relative to the report folder." in page
-    assert "<caption>Key numbers</caption>" in page
+    assert "<p class=\"tcap\">Key numbers</p>" in page  # the table title above its scroll box
     imgs = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert [base64.b64decode(i) for i in imgs] == [fig1.read_bytes(), fig2.read_bytes()]
     assert 'src="fig_a.png"' not in page  # self-contained: no image is linked

@@ -147,30 +147,32 @@ def unigram_feature_counts(sae: SAE, unigram: torch.Tensor, max_act: np.ndarray,
                                 float(threshold), mode)
 
 
-def plot_threshold_sweep(sweeps: dict[str, list[dict]], path, tokenized=(), chosen: float | None = None):
-    """Fraction of live latents activated by a unigram against the threshold, one line per SAE (tokenized
-    dashed) with its 95% Wilson band; the report's threshold marked."""
-    import matplotlib.pyplot as plt
+def plot_threshold_sweep(sweeps: dict[str, list[dict]], path, chosen: float | None = None):
+    """Fraction of live latents activated by a unigram against the threshold, one line per SAE in the shared
+    plot style (:func:`pipeline.analysis.plots.sae_styles`, from the SAEs the analyze stage registers:
+    tokenized dashed) with its 95% Wilson band; the report's threshold marked."""
+    from pipeline.analysis.plots import legend_outside, sae_styles, subplots
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    tok = set(tokenized)
+    fig, ax = subplots(figsize=(8, 4.5))
+    styles = sae_styles([n for n, rows in sweeps.items() if rows])
     mode = "relative"
-    for i, (name, rows) in enumerate(sweeps.items()):
+    for name, rows in sweeps.items():
         if not rows:
             continue
         mode = rows[0]["mode"]
         t = [r["threshold"] for r in rows]
-        ax.plot(t, [r["fraction"] for r in rows], ls="--" if name in tok else "-", marker="o", ms=3,
-                color=f"C{i % 10}", label=name)
-        ax.fill_between(t, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=f"C{i % 10}", alpha=0.15)
+        st = styles[name]
+        ax.plot(t, [r["fraction"] for r in rows], **st.line(label=name, ms=3))
+        ax.fill_between(t, [r["ci_low"] for r in rows], [r["ci_high"] for r in rows], color=st.color, alpha=0.12)
     if chosen is not None:
-        ax.axvline(chosen, color="k", lw=0.8, ls=":")
+        ax.axvline(chosen, color="k", lw=0.8, ls=":", label=f"report's threshold ({chosen:g})")
     ax.set_xlabel("threshold (fraction of the latent's held-out max)" if mode == "relative"
                   else "threshold (latent activation)")
     if mode == "absolute":
         ax.set_xscale("log")
     ax.set_ylabel("live latents activated by ≥ 1 unigram")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=6, ncol=2)
+    ax.grid(alpha=0.3)
+    legend_outside(ax)
     ax.set_title("unigram features against the threshold (95% Wilson bands)")
     return _save(fig, path)
