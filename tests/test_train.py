@@ -9,7 +9,7 @@ from pipeline.metrics import nmse
 from pipeline.reader import load_tokens
 from pipeline.saes import load_sae
 from stages import train
-from tests.conftest import make_config
+from tests.conftest import assert_same_logs, assert_same_run, make_config
 
 
 def test_train_writes_saes_whose_nmse_falls_and_lookup_trains(tiny_cache, tmp_path):
@@ -73,7 +73,8 @@ def _small(tmp_path, cache_cfg, *extra):
                        "train.ce_eval_seqs=0", "train.autocast=none", *extra)
 
 
-def test_resume_after_a_signal_equals_an_uninterrupted_run(tiny_cache, tmp_path, monkeypatch):
+def test_resume_after_a_signal_equals_an_uninterrupted_run(tiny_cache, tmp_path, monkeypatch, cuda_deterministic):
+    """Bitwise on the CPU; on CUDA within tests.conftest.TRAIN_RTOL (see there)."""
     import os
     import signal
 
@@ -109,12 +110,10 @@ def test_resume_after_a_signal_equals_an_uninterrupted_run(tiny_cache, tmp_path,
     assert not (tmp_path / "run" / "saes" / "checkpoint").exists()
     for name in ("bt", "jr-tok"):
         a, b = _weights(tmp_path / "ref" / "saes" / name), _weights(tmp_path / "run" / "saes" / name)
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (name, k)
+        assert_same_run(a, b, f"resumed {name}")
         la = [json.loads(x) for x in open(tmp_path / "ref" / "saes" / name / "metrics.jsonl")]
         lb = [json.loads(x) for x in open(tmp_path / "run" / "saes" / name / "metrics.jsonl")]
-        assert la == lb
+        assert_same_logs(la, lb, f"resumed {name}")
 
     # a checkpoint of a different run is refused, naming what differs
     other = _small(tmp_path / "run", cfg, saes, "train.checkpoint_every=3", "train.lr=0.123")
@@ -145,6 +144,7 @@ def test_sweep_grid_trains_every_variant_on_shared_batches(tiny_cache, tmp_path)
 
 
 def test_dask_groups_equal_a_single_process_run(tiny_cache, tmp_path):
+    """Bitwise on the CPU; on CUDA within tests.conftest.TRAIN_RTOL (each worker process picks its own kernels)."""
     cfg, _ = tiny_cache
     saes = 'train.saes=[{name="a", expansion=2, k=4}, {name="b", architecture="gated", expansion=2, tokenized=true}]'
     single = _small(tmp_path / "one", cfg, saes, "train.n_epochs=0.5")
@@ -154,8 +154,7 @@ def test_dask_groups_equal_a_single_process_run(tiny_cache, tmp_path):
     assert summary["groups"] == [["a"], ["b"]]
     for name in ("a", "b"):
         a, b = _weights(tmp_path / "one" / "saes" / name), _weights(tmp_path / "two" / "saes" / name)
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        assert_same_run(a, b, f"dask group {name}")
 
 
 def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
