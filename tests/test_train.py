@@ -171,13 +171,17 @@ def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
         assert any("heldout_ce_added" in row for row in log)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sync_free", [False, True])  # the CPU path (coalesce) / the CUDA path (sums on device)
 @pytest.mark.parametrize("fused", [True, False])  # torch's fused Adam kernel directly, or torch.optim.adam.adam
 @pytest.mark.parametrize("width", [6, 8])  # 24-byte rows: plain index_copy_; 32-byte rows: 16-byte element copies
-def test_lazy_adam_equals_sparse_adam(width, fused, monkeypatch):
+def test_lazy_adam_equals_sparse_adam(width, fused, sync_free, device, monkeypatch):
     """pipeline.training.LazyAdam makes torch.optim.SparseAdam's updates (parameter and moments), touching only
-    the rows of each step's sparse gradient, and refuses a dense gradient."""
-    import copy
-
+    the rows of each step's sparse gradient, and refuses a dense gradient; its sync-free path (duplicates
+    summed on the device, the default off the CPU) too. SparseAdam runs on the CPU as the reference."""
     from pipeline import training
     from pipeline.training import LazyAdam
 
@@ -185,8 +189,9 @@ def test_lazy_adam_equals_sparse_adam(width, fused, monkeypatch):
 
     torch.manual_seed(0)
     w0 = torch.randn(40, width)
-    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    opt_a, opt_b = LazyAdam([a], lr=0.05, betas=(0.8, 0.95)), torch.optim.SparseAdam([b], lr=0.05, betas=(0.8, 0.95))
+    a, b = torch.nn.Parameter(w0.clone().to(device)), torch.nn.Parameter(w0.clone())
+    opt_a = LazyAdam([a], lr=0.05, betas=(0.8, 0.95), sync_free=sync_free)
+    opt_b = torch.optim.SparseAdam([b], lr=0.05, betas=(0.8, 0.95))
     untouched = torch.ones(40, dtype=torch.bool)
     for _ in range(12):
         rows = torch.randint(0, 30, (25,))  # rows 30..39 never get a gradient
@@ -194,13 +199,28 @@ def test_lazy_adam_equals_sparse_adam(width, fused, monkeypatch):
         g = torch.randn(25, width)
         for p, opt in ((a, opt_a), (b, opt_b)):
             opt.zero_grad()
-            p.grad = torch.sparse_coo_tensor(rows[None], g, p.shape)  # uncoalesced: duplicates
+            p.grad = torch.sparse_coo_tensor(rows[None], g, p.shape).to(p.device)  # uncoalesced: duplicates
             opt.step()
-    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a.cpu(), b)
     for key in ("exp_avg", "exp_avg_sq"):
-        torch.testing.assert_close(opt_a.state[a][key], opt_b.state[b][key])
-    assert torch.equal(a.detach()[untouched], w0[untouched])
-    # same state names: a SparseAdam checkpoint continues in LazyAdam
+        torch.testing.assert_close(opt_a.state[a][key].cpu(), opt_b.state[b][key])
+    assert torch.equal(a.detach().cpu()[untouched], w0[untouched])
+
+
+def test_lazy_adam_continues_a_sparse_adam_checkpoint():
+    """Same state names: a SparseAdam checkpoint continues in LazyAdam; a dense gradient is refused."""
+    import copy
+
+    from pipeline.training import LazyAdam
+
+    torch.manual_seed(0)
+    width = 8
+    b = torch.nn.Parameter(torch.randn(40, width))
+    opt_b = torch.optim.SparseAdam([b], lr=0.05, betas=(0.8, 0.95))
+    for _ in range(3):
+        opt_b.zero_grad()
+        b.grad = torch.sparse_coo_tensor(torch.randint(0, 30, (1, 25)), torch.randn(25, width), b.shape)
+        opt_b.step()
     c = torch.nn.Parameter(b.detach().clone())
     opt_c = LazyAdam([c], lr=0.05, betas=(0.8, 0.95))
     opt_c.load_state_dict(copy.deepcopy(opt_b.state_dict()))  # (load_state_dict would share the tensors)
@@ -210,9 +230,9 @@ def test_lazy_adam_equals_sparse_adam(width, fused, monkeypatch):
         p.grad = torch.sparse_coo_tensor(rows[None], g, p.shape)
         opt.step()
     torch.testing.assert_close(c, b)
-    a.grad = torch.ones_like(a)
+    c.grad = torch.ones_like(c)
     with pytest.raises(ValueError, match="sparse gradients"):
-        opt_a.step()
+        opt_c.step()
 
 
 def test_strictly_increasing():

@@ -82,15 +82,12 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def _update_threshold(self, vals: Tensor) -> None:
-        pos = vals[vals > 0]
-        if pos.numel() == 0:
-            return
-        m = pos.min().float()
-        if self.threshold < 0:
-            self.threshold.copy_(m)
-        else:
-            d = self.params.threshold_decay
-            self.threshold.mul_(d).add_((1 - d) * m)
+        """θ ← m (first batch) or d·θ + (1 - d)·m, m = the smallest positive kept value; unchanged if none is
+        positive. On the device, without reading θ or m back (no host synchronisation in a CUDA step)."""
+        m = torch.where(vals > 0, vals, torch.inf).amin().float() if vals.numel() else self.threshold.new_tensor(math.inf)
+        d = self.params.threshold_decay
+        new = torch.where(self.threshold < 0, m, self.threshold * d + (1 - d) * m)
+        self.threshold.copy_(torch.where(torch.isfinite(m), new, self.threshold))
 
     def aux_terms(self, x, x_hat, pre, latents, lookup) -> dict[str, Tensor]:
         if not self.training:
