@@ -50,7 +50,11 @@ def assert_same_run(a: dict, b: dict, what: str = "") -> None:
         worst = max(worst, rel)
         assert rel <= TRAIN_RTOL, (what, k, rel)
     if cuda_used():
-        print(f"[cuda] {what}: largest relative difference {worst:.3g} (tolerance {TRAIN_RTOL})")
+        line = f"[cuda] {what}: largest relative difference {worst:.3g} (tolerance {TRAIN_RTOL})"
+        print(line)
+        if os.environ.get("TSAE_CUDA_DIFF_LOG"):  # a GPU check collects these across xdist workers
+            with open(os.environ["TSAE_CUDA_DIFF_LOG"], "a") as f:
+                f.write(line + "\n")
 
 
 def assert_same_logs(a: list[dict], b: list[dict], what: str = "") -> None:
