@@ -12,6 +12,11 @@ from pipeline.saes.base import SAE, SparseCode, gather_pre
 from pipeline.saes.topk import auxk_loss
 
 
+SAMPLED_SELECTION_ON_CUDA = True
+"""On CUDA: select through the sampled threshold below (reads its candidate count back: a host
+synchronisation) rather than one ``topk`` of the whole batch plus a sort of the kept positions (none)."""
+
+
 def _top_positions(flat: Tensor, kk: int, row: int = 1) -> Tensor:
     """Ascending positions of the kk largest entries of ``flat`` (ranked by raw value, ties broken by torch.topk).
 
@@ -22,7 +27,8 @@ def _top_positions(flat: Tensor, kk: int, row: int = 1) -> Tensor:
     sample covers every column (a stride dividing d_sae would sample a fixed 1/stride of the latents).
     """
     total = flat.numel()
-    if kk < total // 8 and total >= 1 << 18:
+    sampled = SAMPLED_SELECTION_ON_CUDA or flat.device.type != "cuda"
+    if sampled and kk < total // 8 and total >= 1 << 18:
         stride = max(1, total // (1 << 20))
         while math.gcd(stride, row) != 1:
             stride += 1
