@@ -28,6 +28,7 @@ token order.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
@@ -122,11 +123,17 @@ class SparseCode(NamedTuple):
 
 DEVICE_PATHS_ON_CPU = False
 """Tests only: run the accelerator code paths (no host synchronisation, fixed summation orders) on the CPU too."""
+DEVICE_PATHS_ENV = "TSAE_DEVICE_PATHS"
+"""Environment variable: "0" makes tensors off the CPU take the CPU code paths (which synchronise with the
+host) — a fallback for comparing the two on a GPU; default "1"."""
 
 
 def device_path(t: Tensor) -> bool:
-    """Whether code handling ``t`` takes the accelerator path: t is off the CPU (or DEVICE_PATHS_ON_CPU)."""
-    return t.device.type != "cpu" or DEVICE_PATHS_ON_CPU
+    """Whether code handling ``t`` takes the accelerator path: t is off the CPU (unless TSAE_DEVICE_PATHS=0),
+    or DEVICE_PATHS_ON_CPU."""
+    if t.device.type == "cpu":
+        return DEVICE_PATHS_ON_CPU
+    return os.environ.get(DEVICE_PATHS_ENV, "1") != "0"
 
 
 def bag_ids(offsets: Tensor, nnz: int) -> Tensor:
@@ -442,8 +449,6 @@ def dense_decode_wins(batch: int, d_sae: int, d_model: int, nnz: int, dtype: tor
     gathers and scatters nnz rows of W_dec (memory-bound, ~0.8 ms of an H200 step at batch 4096, d_sae 12288,
     k 32 in the issue's profile). ``TSAE_SPARSE_DECODE`` = "dense" / "sparse" forces either.
     """
-    import os
-
     force = os.environ.get(DECODE_ENV, "auto")
     if force in ("dense", "sparse"):
         return force == "dense"
