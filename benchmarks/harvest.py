@@ -69,6 +69,7 @@ from pipeline import models as models_mod  # noqa: E402
 from pipeline.cache import FORMAT_VERSION, CacheWriter, describe_codecs  # noqa: E402
 from pipeline.corpus import iter_texts, resolve_source, token_windows  # noqa: E402
 from pipeline.models import check_hooks, load_model, run_hooks  # noqa: E402
+from stages import harvest as harvest_stage  # noqa: E402
 
 DEFAULT_HOOK = "blocks.8.hook_resid_pre"
 # float16 / float32, plus bfloat16 where this version of the cache stores it.
@@ -148,16 +149,20 @@ def sync(dev: torch.device) -> None:
 
 
 def bare_segment(lm, hook: str, batches: list[np.ndarray]) -> list[float]:
-    """The forward over every batch, activations dropped; seconds per batch."""
+    """The forward over every batch, activations dropped; seconds per batch. On CUDA the device is
+    synchronised once, after the segment (its wait is added to the last batch), as the harvest is: the
+    host launches each forward while the device still runs the previous one."""
     dev = lm.device
     times = []
     sync(dev)
     for tokens in batches:
         t0 = time.perf_counter()
-        acts = run_hooks(lm, torch.from_numpy(tokens).long().to(dev), [hook])
+        acts = run_hooks(lm, harvest_stage._to_device(tokens, dev), [hook])
         del acts
-        sync(dev)
         times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    sync(dev)
+    times[-1] += time.perf_counter() - t0
     return times
 
 
@@ -170,11 +175,11 @@ def harvest_segment(lm, hook: str, batches: list[np.ndarray], writer: CacheWrite
     sync(dev)
     for tokens in batches:
         t0 = time.perf_counter()
-        acts = run_hooks(lm, torch.from_numpy(tokens).long().to(dev), [hook])
+        acts = run_hooks(lm, harvest_stage._to_device(tokens, dev), [hook])
         writer.append(tokens, acts)  # the previous chunk's compression + write overlap this forward
         times.append(time.perf_counter() - t0)
     t0 = time.perf_counter()
-    writer.flush()
+    writer.flush()  # every row stored: waits for the device copies (so for every forward) and the writes
     return times, time.perf_counter() - t0
 
 
@@ -300,6 +305,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{'array':<8} {'bytes/token':>12} {'raw bytes/token':>16} {'compression':>12}")
         print(f"{'acts':<8} {acts_stored / written:>12.1f} {raw_acts:>16d} {raw_acts * written / acts_stored:>11.3f}x")
         print(f"{'tokens':<8} {tok_stored / written:>12.2f} {4:>16d} {4 * written / tok_stored:>11.3f}x")
+        # what the harvest moved to disk per second (summed times, writer creation and finish included)
+        tps = n_all / sh
+        stored_bpt = (acts_stored + tok_stored) / written
+        print(f"harvest to disk: {tps:,.0f} tokens/s = {tps * stored_bpt / 1e6:,.1f} MB/s stored "
+              f"({tps * (raw_acts + 4) / 1e6:,.1f} MB/s of raw activations + token ids); "
+              f"writer threads {cache_mod.WRITER_THREADS}")
 
 
 def _rmtree(path: str) -> None:

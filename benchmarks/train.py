@@ -50,7 +50,19 @@ with power-law frequencies, noise, scaled so that E‖x‖² = d_model (as train
 then evaluated by ``MultiTrainer.evaluate`` on held-out tokens; prints both NMSEs and their relative
 difference (target ≤ 1%). Use a real cache for this (``--cache runs/demo/cache``).
 
+**On a GPU** (``--device cuda``): data, SAEs and the baseline live on the device; every variant runs a block
+of ``--block-steps`` steps (default 10 on CUDA, 1 on the CPU) between two ``torch.cuda.synchronize()`` per
+round, so the times are device times of back-to-back steps (as training runs them) and not launch times;
+the dense baseline runs in float32 and, as ``baseline-bf16``, under bf16 autocast. ``--shape paper`` is the
+paper's GPT-2-small shape (d_model 768, expansion 16 = d_sae 12288, k 32, d_vocab 50257). Where
+``eai-sparsify`` is installed (the ``gpu-peers`` extra) its TopK step is timed in the same rounds
+(``sparsify/topk``: its SparseCoder with the decoder it picks — Triton where it imports — and one training
+step as its ``Trainer.fit`` writes it for ``loss_fn="fvu"`` with Adam), and every row gets ``× sparsify``:
+the median over rounds of t(sparsify) / t(variant) (issue target ≥ 1.5 for topk, batchtopk, matryoshka).
+
 Run from the repository root::
+
+    python benchmarks/train.py --device cuda --shape paper --autocast bf16 --rounds 7 --overhead-rounds 20
 
     python benchmarks/train.py                         # both precisions, 7 timed rounds (~25 min on 2 cores)
     python benchmarks/train.py --quick                 # auto precision, 3 rounds, N=2, 15 overhead rounds (~7 min)
@@ -92,6 +104,11 @@ from pipeline.saes import ARCHITECTURES, SAEParams  # noqa: E402
 from pipeline.training import MultiTrainer, TrainOptions, input_scale, resolve_autocast  # noqa: E402
 
 D_MODEL, D_SAE, K, BATCH, D_VOCAB = 576, 4608, 32, 4096, 49152
+SHAPES = {"demo": (576, 4608, 32, 4096, 49152), "paper": (768, 12288, 32, 4096, 50257)}
+"""--shape: (d_model, d_sae, k, batch, d_vocab). demo = SmolLM2-135M's, the peers' "shape A"; paper = GPT-2 small,
+expansion 16, k 32 (Gao et al. 2024; the tokenized-SAE paper's GPT-2 runs)."""
+DEVICE = torch.device("cpu")
+BLOCK_STEPS = 1  # steps per timed block (between two device synchronisations on CUDA)
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
 LR, LOOKUP_LR_SCALE, ALPHA = 4e-4, 25.0, 0.5  # pipeline/config.py defaults
 
@@ -209,10 +226,23 @@ def cache_data(path: str, n_batches: int, heldout: int = 0, seed: int = 0):
 
 
 # -- variants -----------------------------------------------------------------------------------
+def to_device(data: Data) -> Data:
+    """The batches, unigram table and counts on DEVICE (counts stay on the CPU, as training keeps them)."""
+    if DEVICE.type == "cpu":
+        return data
+    return Data([x.to(DEVICE) for x in data.xs], [t.to(DEVICE) for t in data.ts], data.unigram.to(DEVICE),
+                data.d_vocab, data.source, data.counts)
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def make_sae(arch: str, tokenized: bool, data: Data, seed: int, **kw):
     torch.manual_seed(seed)
     p = SAEParams(arch, D_MODEL, D_SAE, k=K, tokenized=tokenized, d_vocab=data.d_vocab if tokenized else 0, **kw)
-    sae = ARCHITECTURES[arch](p)
+    sae = ARCHITECTURES[arch](p).to(DEVICE)  # as stages/train.py: moved, then initialised from the data
     x0 = torch.cat(data.xs[:4])
     sae.init_from_data(x0, torch.cat(data.ts[:4]), data.unigram if tokenized else None, ALPHA,
                        token_counts=data.counts if tokenized else None)
@@ -229,25 +259,71 @@ def trainer_step(tr: MultiTrainer, data: Data) -> Callable[[int], None]:
     return lambda i: tr.step(data.xs[i % nb], data.ts[i % nb], log=False)
 
 
-def dense_baseline_step(data: Data) -> Callable[[int], None]:
-    """The peers' bench_ref.plain_relu: a dense ReLU SAE in plain PyTorch (two matmuls, MSE + L1, Adam), fp32."""
+def dense_baseline_step(data: Data, autocast: torch.dtype | None = None) -> Callable[[int], None]:
+    """The peers' bench_ref.plain_relu: a dense ReLU SAE in plain PyTorch (two matmuls, MSE + L1, Adam), fp32
+    (``autocast``: the forward under that autocast dtype, the loss in float32)."""
     d, m = D_MODEL, D_SAE
     g = torch.Generator().manual_seed(0)
-    We = torch.nn.Parameter(torch.randn(d, m, generator=g) / d**0.5)
-    be = torch.nn.Parameter(torch.zeros(m))
-    Wd = torch.nn.Parameter(torch.randn(m, d, generator=g) / m**0.5)
-    bd = torch.nn.Parameter(torch.zeros(d))
+    We = torch.nn.Parameter((torch.randn(d, m, generator=g) / d**0.5).to(DEVICE))
+    be = torch.nn.Parameter(torch.zeros(m, device=DEVICE))
+    Wd = torch.nn.Parameter((torch.randn(m, d, generator=g) / m**0.5).to(DEVICE))
+    bd = torch.nn.Parameter(torch.zeros(d, device=DEVICE))
     opt = torch.optim.Adam([We, be, Wd, bd], lr=1e-4)
     nb = len(data.xs)
 
     def step(i: int) -> None:
         x = data.xs[i % nb]
-        f = torch.relu((x - bd) @ We + be)
-        xh = f @ Wd + bd
-        loss = (xh - x).pow(2).sum(-1).mean() + 1e-3 * f.sum(-1).mean()
+        with torch.autocast(DEVICE.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+            f = torch.relu((x - bd) @ We + be)
+            xh = f @ Wd + bd
+        loss = (xh.float() - x).pow(2).sum(-1).mean() + 1e-3 * f.float().sum(-1).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def sparsify_step(data: Data) -> Callable[[int], None] | None:
+    """EleutherAI sparsify's TopK SAE training step (None where ``sparsify`` does not import or on the CPU).
+
+    Its ``SparseCoder`` (num_latents = D_SAE, k = K, float32 weights, the decoder it picks: Triton where that
+    imports) and one step as its ``Trainer.fit`` runs it for ``loss_fn="fvu"`` without gradient accumulation:
+    decoder rows renormalised, forward under its bf16 autocast, FVU against the batch variance, ``float(fvu)``
+    logged, backward, parallel-gradient removal, Adam at its default lr (2e-4 / sqrt(num_latents / 2^14))
+    after a linear warm-up schedule, dead-latent counters, and the ``.item()`` of the token count."""
+    if DEVICE.type != "cuda":
+        return None
+    try:
+        from sparsify import SparseCoder, SparseCoderConfig
+    except Exception:  # noqa: BLE001  (not installed: the gpu-peers extra)
+        return None
+    torch.manual_seed(0)
+    sae = SparseCoder(D_MODEL, SparseCoderConfig(num_latents=D_SAE, k=K), DEVICE, dtype=torch.float32)
+    sae.b_dec.data = data.xs[0].mean(0).to(sae.dtype)
+    opt = torch.optim.Adam(sae.parameters(), lr=2e-4 / (D_SAE / 2**14) ** 0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 1000))
+    counts = torch.zeros(D_SAE, device=DEVICE, dtype=torch.long)
+    did_fire = torch.zeros(D_SAE, device=DEVICE, dtype=torch.bool)
+    nb = len(data.xs)
+
+    def step(i: int) -> None:
+        x = data.xs[i % nb]
+        n_tok = torch.ones(len(x), dtype=torch.bool, device=DEVICE).sum().item()
+        sae.set_decoder_norm_to_unit_norm()
+        total_variance = (x - x.mean(0)).pow(2).sum()
+        out = sae(x=x, y=x, dead_mask=None, total_variance=total_variance)
+        did_fire[out.latent_indices.flatten()] = True
+        float(out.fvu.detach())
+        out.fvu.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+        with torch.no_grad():
+            counts.add_(n_tok)
+            counts[did_fire] = 0
+            did_fire.zero_()
 
     return step
 
@@ -283,12 +359,15 @@ def interleave(entries: dict[str, Callable[[int], None]], warmup: int, rounds: i
         gorder = gnames[r % len(gnames):] + gnames[: r % len(gnames)]
         order = [n for g in gorder for n in (groups[g] if r % 2 == 0 else groups[g][::-1])]
         for n in order:
+            sync()
             t0 = time.perf_counter()
-            entries[n](r)
-            dt = time.perf_counter() - t0
+            for b in range(BLOCK_STEPS):
+                entries[n](r * BLOCK_STEPS + b)
+            sync()
+            dt = (time.perf_counter() - t0) / BLOCK_STEPS
             if j >= warmup:
                 times[n].append(dt)
-        probes.append(probe_gflops())
+        probes.append(probe_gflops() if DEVICE.type == "cpu" else 0.0)
         print(f"[{label}] round {j + 1}/{warmup + rounds} ({'warm-up' if j < warmup else 'timed'}, "
               f"{time.time() - t_start:.0f}s, probe {probes[-1]:.0f} GFLOP/s)", file=sys.stderr, flush=True)
     times["_probe"] = probes[warmup:]
@@ -304,6 +383,11 @@ def ratio_to(times: dict[str, list[float]], num: str, den: str) -> float:
 def run_precision(dtype: torch.dtype | None, archs: list[str], data: Data, args) -> dict:
     prec = "bf16" if dtype is not None else "fp32"
     entries: dict[str, Callable[[int], None]] = {"baseline": dense_baseline_step(data)}
+    if DEVICE.type == "cuda":
+        entries["baseline-bf16"] = dense_baseline_step(data, torch.bfloat16)
+    peer = sparsify_step(data) if dtype is not None else None  # sparsify trains under bf16 autocast
+    if peer is not None:
+        entries["sparsify/topk"] = peer
     keep = []  # hold the trainers
     for arch in archs:
         for tok in (False, True):
@@ -422,17 +506,25 @@ def report(results: dict[str, dict], multi: dict[str, dict], archs: list[str], a
         base_ms = statistics.median(times["baseline"]) * 1e3
         lines.append(f"{'dense relu':<13} {'torch':<6} {'fp32':<4} {base_ms:8.0f} {BATCH / base_ms * 1e3:8,.0f} "
                      f"{1.0:7.2f} {'':>7} {'':>4}  {f'peers: {PEER_BASELINE:,.0f} (torch plain_relu)':<36}")
+        if "sparsify/topk" in times:
+            lines.append(f"  (× sparsify = median over rounds of t(sparsify TopK step) / t(step); issue target ≥ 1.5)")
+        if "baseline-bf16" in times:
+            ms = statistics.median(times["baseline-bf16"]) * 1e3
+            lines.append(f"{'dense relu':<13} {'torch':<6} {'bf16':<4} {ms:8.3f} {BATCH / ms * 1e3:8,.0f} "
+                         f"{ratio_to(times, 'baseline', 'baseline-bf16'):7.2f}")
         for key in [k for k in times if "/" in k and k != "baseline"]:
             arch, var = key.split("/")
             ms = statistics.median(times[key]) * 1e3
             r = ratio_to(times, "baseline", key)
+            if "sparsify/topk" in times:
+                var += f" ×sp {ratio_to(times, 'sparsify/topk', key):.2f}"
             tgt = target_ratio(arch)
             ok = "" if tgt is None or "+" in arch else ("yes" if r >= tgt else "NO")
             peer = PEERS.get(arch.split("+")[0])
             peer_s = f"{peer[1]} ({peer[0]:,.0f})" if peer else "-"
             vs_peer = f"{r * PEER_BASELINE / peer[0]:7.2f}" if peer else f"{'-':>7}"
             mark = "*" if prec == auto else " "
-            lines.append(f"{SHORT.get(arch, arch):<13} {var:<6} {prec + mark:<5}{ms:7.0f} {BATCH / ms * 1e3:8,.0f} "
+            lines.append(f"{SHORT.get(arch, arch):<13} {var:<6} {prec + mark:<5}{_ms(ms)} {BATCH / ms * 1e3:8,.0f} "
                          f"{r:7.2f} {'' if tgt is None or '+' in arch else f'{tgt:.2f}':>7} {ok:>4}  "
                          f"{peer_s:<36} {vs_peer}")
             if ok:
@@ -451,6 +543,11 @@ def report(results: dict[str, dict], multi: dict[str, dict], archs: list[str], a
                      f"{n_multi} single trainers {ms_s:.0f} ms summed: ratio {r:.3f} (target ≤ 1.15: "
                      f"{'yes' if r <= 1.15 else 'NO'})")
     return lines
+
+
+def _ms(ms: float) -> str:
+    """ms/step in 7 characters: whole ms on the CPU, µs resolution on a GPU."""
+    return f"{ms:7.0f}" if ms >= 100 else f"{ms:7.3f}"
 
 
 def nmse_check(args, archs: list[str]) -> list[str]:
@@ -510,10 +607,21 @@ def main() -> None:
     ap.add_argument("--no-auxk", dest="auxk", action="store_false", help="skip the topk+auxk row")
     ap.add_argument("--peers", default="", help="results.jsonl of run_peers.sh on this host (default: the "
                     "reference host's numbers, results-2026-11-22.txt)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto (cuda when available)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="demo",
+                    help="demo: d_model 576, d_sae 4608 (SmolLM2-135M); paper: 768, 12288 (GPT-2 small, expansion 16)")
+    ap.add_argument("--block-steps", type=int, default=None,
+                    help="steps per timed block between device synchronisations (default 10 on CUDA, 1 on the CPU)")
     args = ap.parse_args()
     from pipeline.cpu_memory import keep_freed_memory
 
     keep_freed_memory()  # as the tsae command does (training no longer sets it itself)
+
+    global DEVICE, BLOCK_STEPS, D_MODEL, D_SAE, K, BATCH, D_VOCAB
+    DEVICE = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    BLOCK_STEPS = args.block_steps or (10 if DEVICE.type == "cuda" else 1)
+    D_MODEL, D_SAE, K, BATCH, D_VOCAB = SHAPES[args.shape]
     args.rounds = args.rounds if args.rounds is not None else (3 if args.quick else 7)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.n_multi = args.n_multi if args.n_multi is not None else (2 if args.quick else 4)
@@ -530,17 +638,18 @@ def main() -> None:
         raise SystemExit(f"unknown architectures {sorted(unknown)}; known: {sorted(ARCHITECTURES)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    auto = resolve_autocast("auto", torch.device("cpu"))
+    auto = resolve_autocast("auto", DEVICE)
     auto_s = "bf16" if auto is not None else "fp32"
     precs = {"auto": [(auto_s, auto)], "none": [("fp32", None)], "bf16": [("bf16", torch.bfloat16)],
              "both": [("fp32", None), ("bf16", torch.bfloat16)]}[args.autocast]
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, THP_MEM_ALLOC_ENABLE="
           f"{os.environ.get('THP_MEM_ALLOC_ENABLE', '')!r}; shape d_model {D_MODEL}, d_sae {D_SAE}, k {K}, "
-          f"batch {BATCH}; {args.warmup} warm-up + {args.rounds} timed rounds", flush=True)
+          f"batch {BATCH}; {args.warmup} warm-up + {args.rounds} timed rounds of {BLOCK_STEPS} step(s) on {DEVICE}"
+          + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else ""), flush=True)
     lines = []
     if args.rounds > 0:
-        data = cache_data(args.cache, 4) if args.cache else synthetic_data(4)
+        data = to_device(cache_data(args.cache, 4) if args.cache else synthetic_data(4))
         print(f"data: {data.source}", flush=True)
         results, multi = {}, {}
         for prec, dt in precs:
@@ -549,7 +658,7 @@ def main() -> None:
                 multi[prec] = run_multi(dt, args.n_multi, data, args)
         lines += report(results, multi, archs, auto_s, args.n_multi)
     if args.overhead_rounds > 0:
-        data = cache_data(args.cache, 16) if args.cache else synthetic_data(16)  # 16 batches: varied token sets
+        data = to_device(cache_data(args.cache, 16) if args.cache else synthetic_data(16))  # varied token sets
         over = {prec: run_overhead(dt, archs, data, args) for prec, dt in precs}
         lines += [""] + report_overhead(over, archs, args.overhead_rounds, args.overhead_copies, args.overhead_blocks)
     if args.nmse_steps > 0:

@@ -47,6 +47,9 @@ STORAGE_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "uint1
 # Activation bytes per chunk: chosen by measurement (benchmarks/reader.py --chunk-sweep; README "Benchmarks"):
 # shuffled reads pay Zarr's per-chunk overhead (~0.5 ms a chunk) and run 1.4x faster at 16 MiB than at 4 MiB.
 CHUNK_BYTES = 16 << 20
+WRITER_THREADS = min(4, max(1, (os.cpu_count() or 1) // 4))
+"""Chunk writes in flight at once (Blosc compression and the store's I/O release the GIL): 1 on a small
+machine (where the forward needs the cores), up to 4 from 16 cores."""
 # Everything that determines a cache's contents except its hooks and length: hashed into the fingerprint.
 FINGERPRINT_FIELDS = ("format_version", "model", "model_weights", "tokenizer", "model_dtype", "dataset",
                       "context_size", "prepend_bos", "bos_token_id", "sep_token_id", "dtype")
@@ -230,6 +233,11 @@ def check_storable(acts: torch.Tensor, dtype: str, where: str) -> None:
     if dtype not in STORAGE_DTYPES:
         raise CacheError(f"unknown activation dtype {dtype!r}; choose one of {sorted(STORAGE_DTYPES)}")
     lo, hi = (v.float().item() for v in torch.aminmax(acts.detach()))  # one pass, no |acts| temporary
+    _check_range(lo, hi, dtype, where)
+
+
+def _check_range(lo: float, hi: float, dtype: str, where: str) -> None:
+    """check_storable's verdict from the activations' minimum and maximum."""
     amax = max(-lo, hi)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ActivationOverflowError(f"non-finite activations (NaN or inf) in {where}; nothing was written for "
@@ -349,8 +357,12 @@ class CacheWriter:
     (:attr:`hooks`). Raises CacheError when ``path`` holds a cache with other identity fields (the
     message lists them), lacks a requested hook, or is locked by another live writer.
 
-    Writes run on one background thread so compression overlaps the model forward; at most one
-    chunk write is in flight. Call :meth:`close` (or use as a context manager) to drain it.
+    Chunk writes run on :data:`WRITER_THREADS` background threads (at most twice as many chunks in flight)
+    so compression overlaps the model forward; ``n_seq`` advances only over the contiguous prefix of chunks
+    whose every array is stored, so a crash or an error never leaves unwritten rows counted. Activations on
+    a CUDA device are cast there and copied to pinned host memory on a side stream (their NaN/overflow
+    check travels with them and is applied before the chunk is written), so ``append`` does not wait for
+    the forward that made them. Call :meth:`close` (or use as a context manager) to drain the writes.
     """
 
     def __init__(self, path: str, meta: dict[str, Any]):
@@ -397,9 +409,10 @@ class CacheWriter:
         self.seq_chunk = int(self.meta["seq_chunk"])
         self.next_row = int(self.meta["n_seq"])
         self._buf_tokens: list[np.ndarray] = []
-        self._buf_acts: dict[str, list[np.ndarray]] = {h: [] for h in self.meta["hooks"]}
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tsae-cache-writer")
-        self._inflight: Future | None = None
+        self._buf_acts: dict[str, list[np.ndarray | _DeviceCopy]] = {h: [] for h in self.meta["hooks"]}
+        self._pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="tsae-cache-writer")
+        self._inflight: list[Future] = []
+        self._done: dict[int, int] = {}  # start -> stop of chunks stored but not yet counted in n_seq
         self._lock = threading.Lock()
         self._commit()
 
@@ -424,8 +437,11 @@ class CacheWriter:
 
     def _commit(self) -> None:
         with self._lock:
-            self.group.attrs[ATTR] = self.meta
-            self.lock.heartbeat()
+            self._commit_locked()
+
+    def _commit_locked(self) -> None:
+        self.group.attrs[ATTR] = self.meta
+        self.lock.heartbeat()
 
     @property
     def hooks(self) -> list[str]:
@@ -461,8 +477,12 @@ class CacheWriter:
             if tuple(a.shape) != (b, self.meta["context_size"], self.meta["d_model"]):
                 raise ValueError(f"acts[{h!r}] has shape {tuple(a.shape)}, expected "
                                  f"({b}, {self.meta['context_size']}, {self.meta['d_model']})")
-            check_storable(a, self.meta["dtype"], f"sequences {first}..{first + b - 1} at {h}")
-            host[h] = _to_host(a, self.meta["dtype"])
+            where = f"sequences {first}..{first + b - 1} at {h}"
+            if a.device.type == "cuda":
+                host[h] = _DeviceCopy(a, self.meta["dtype"], where)  # checked when its chunk is written
+            else:
+                check_storable(a, self.meta["dtype"], where)
+                host[h] = _to_host(a, self.meta["dtype"])
         self._buf_tokens.append(np.asarray(tokens, dtype=np.int32))
         for h in self.meta["hooks"]:
             self._buf_acts[h].append(host[h])
@@ -476,39 +496,72 @@ class CacheWriter:
             if n_buf < need and not final:
                 return
             take = min(need, n_buf)
-            tokens = np.concatenate(self._buf_tokens)
-            acts = {h: np.concatenate(v) for h, v in self._buf_acts.items()}
-            self._buf_tokens = [tokens[take:]] if take < n_buf else []
-            for h in acts:
-                self._buf_acts[h] = [acts[h][take:]] if take < n_buf else []
-            self._submit(self.next_row, tokens[:take], {h: a[:take] for h, a in acts.items()})
+            tokens, self._buf_tokens = _take_rows(self._buf_tokens, take)
+            acts = {}
+            for h in self._buf_acts:
+                acts[h], self._buf_acts[h] = _take_rows(self._buf_acts[h], take)
+            self._submit(self.next_row, tokens, acts)
             self.next_row += take
             n_buf -= take
 
-    def _submit(self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
-        self._wait()
+    def _submit(self, start: int, tokens: list[np.ndarray], acts: dict[str, list[np.ndarray | _DeviceCopy]]) -> None:
+        """Write rows [start, start + rows) — one chunk, given as pieces — on a writer thread."""
+        self._reap(limit=2 * WRITER_THREADS - 1)
 
         def write() -> None:
-            stop = start + len(tokens)
-            for h, a in acts.items():
-                self.group[f"acts/{h}"][start:stop] = a
-            self.group["tokens"][start:stop] = tokens
-            self._record_checksums(start, stop, tokens, acts)
-            self.meta["n_seq"] = stop  # only after the rows are stored
-            self._commit()
+            t = np.concatenate(tokens) if len(tokens) > 1 else tokens[0]
+            a = {h: _join(v) for h, v in acts.items()}  # waits for device copies; raises on NaN/overflow
+            self._write_chunk(start, t, a)
+            self._record_checksums(start, start + len(t), t, a)
+            self._chunk_done(start, start + len(t))
 
-        self._inflight = self._pool.submit(write)
+        self._inflight.append(self._pool.submit(write))
+
+    def _write_chunk(self, start: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
+        """Store one chunk's rows [start, start + len(tokens)) of every array (on a writer thread)."""
+        stop = start + len(tokens)
+        for h, a in acts.items():
+            self.group[f"acts/{h}"][start:stop] = a
+        self.group["tokens"][start:stop] = tokens
+
+    def _chunk_done(self, start: int, stop: int) -> None:
+        """Rows [start, stop) are stored: advance n_seq over the contiguous prefix of stored chunks and commit."""
+        with self._lock:
+            self._done[start] = stop
+            n = self.meta["n_seq"]
+            if n not in self._done:
+                return
+            while n in self._done:
+                n = self._done.pop(n)
+            self.meta["n_seq"] = n  # only after the rows are stored
+            self._commit_locked()
+
+    def _reap(self, limit: int) -> None:
+        """Collect finished chunk writes (re-raising a write's error) and wait, oldest first, until at most
+        ``limit`` are in flight."""
+        while self._inflight:
+            f = next((f for f in self._inflight if f.done()), None)
+            if f is None:
+                if len(self._inflight) <= limit:
+                    return
+                f = self._inflight[0]
+            self._inflight.remove(f)
+            f.result()
 
     def _record_checksums(self, start: int, stop: int, tokens: np.ndarray, acts: dict[str, np.ndarray]) -> None:
         """Put :func:`chunk_checksum` of the chunk holding rows [start, stop) into ``meta["checksums"]`` (rows
         written into a chunk that already held some are read back first, so the sum covers the whole chunk)."""
         c = start // self.seq_chunk
         first = c * self.seq_chunk
-        sums = self.meta.setdefault("checksums", {})
+        new = {}
         for name, rows in [("tokens", tokens)] + [(f"acts/{h}", a) for h, a in acts.items()]:
             if first < start:
                 rows = self.group[name][first:stop]
-            sums.setdefault(name, {})[str(c)] = chunk_checksum(rows)
+            new[name] = chunk_checksum(rows)
+        with self._lock:  # writer threads record theirs concurrently
+            sums = self.meta.setdefault("checksums", {})
+            for name, value in new.items():
+                sums.setdefault(name, {})[str(c)] = value
 
     def add_checksums(self, chunk: int, sums: dict[str, str]) -> None:
         """Record {array name: checksum} of chunk ``chunk`` written by someone else (a distributed worker);
@@ -518,9 +571,7 @@ class CacheWriter:
                 self.meta.setdefault("checksums", {}).setdefault(name, {})[str(chunk)] = value
 
     def _wait(self) -> None:
-        if self._inflight is not None:
-            self._inflight.result()
-            self._inflight = None
+        self._reap(limit=0)
 
     def flush(self) -> None:
         """Write every buffered row (a partial last chunk included) and wait until it is durable."""
@@ -571,6 +622,74 @@ class CacheWriter:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _take_rows(pieces: list, n: int) -> tuple[list, list]:
+    """Split a list of row blocks (arrays or :class:`_DeviceCopy`) after ``n`` rows: (first n rows, the rest).
+    A device copy is split only where a chunk boundary falls inside it (it is then waited for here)."""
+    head, rest = [], list(pieces)
+    while n:
+        p = rest.pop(0)
+        if len(p) <= n:
+            head.append(p)
+            n -= len(p)
+        else:
+            a = p.result() if isinstance(p, _DeviceCopy) else p
+            head.append(a[:n])
+            rest.insert(0, a[n:])
+            n = 0
+    return head, rest
+
+
+def _join(pieces: list) -> np.ndarray:
+    """Row blocks (arrays or :class:`_DeviceCopy`, each resolved) concatenated."""
+    arrs = [p.result() if isinstance(p, _DeviceCopy) else p for p in pieces]
+    return arrs[0] if len(arrs) == 1 else np.concatenate(arrs)
+
+
+_COPY_STREAMS: dict[torch.device, Any] = {}
+
+
+class _DeviceCopy:
+    """A batch's activations on their way from a CUDA device to pinned host memory.
+
+    Made on the caller's stream: the cast to the cache dtype and the (min, max) for :func:`check_storable`;
+    on a side stream that waits for them: the non-blocking copies into pinned memory, then an event. So the
+    caller launches the next forward at once and the copy overlaps it. :meth:`result` (on a writer thread)
+    waits for the event, applies the check (raising ActivationOverflowError) and returns the storage-dtype
+    numpy array. ``len`` is the batch size."""
+
+    def __init__(self, a: torch.Tensor, dtype: str, where: str):
+        a = a.detach()
+        t = a.to(getattr(torch, dtype))
+        if dtype == "bfloat16":
+            t = t.view(torch.int16)
+        rng = torch.stack(torch.aminmax(a)).float()
+        dev = t.device
+        stream = _COPY_STREAMS.get(dev)
+        if stream is None:
+            stream = _COPY_STREAMS[dev] = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.range = torch.empty(2, dtype=torch.float32, pin_memory=True)
+            self.range.copy_(rng, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(stream)
+        t.record_stream(stream)  # the caching allocator keeps them until the side stream is done
+        rng.record_stream(stream)
+        self.dtype, self.where, self.n = dtype, where, len(a)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def result(self) -> np.ndarray:
+        self.event.synchronize()
+        lo, hi = self.range.tolist()
+        _check_range(lo, hi, self.dtype, self.where)
+        out = self.host.numpy()
+        return out.view(np.uint16) if self.dtype == "bfloat16" else out
 
 
 def _to_host(a: torch.Tensor, dtype: str) -> np.ndarray:

@@ -34,10 +34,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torch.optim.adam import adam as adam_update
 
 from pipeline import metrics as M
-from pipeline.saes.base import SAE
+from pipeline.saes.base import SAE, device_path
 
 
 def input_scale(x: Tensor) -> float:
@@ -159,11 +160,19 @@ class LazyAdam(torch.optim.Optimizer):
     (:func:`_copy_rows`): ~1.1 ms for the 1,232 distinct tokens of a demo batch, most of it reading and
     writing those rows of three 113 MB tables.
 
+    Off the CPU (``sync_free`` None → True there) the step has no host synchronisation: the gradient may hold
+    duplicate and unsorted rows (the tokenized lookup's CUDA gradient is one entry per batch position), which
+    are summed on the device by one sort, a segment search and an ``embedding_bag`` into a fixed n slots
+    (n = the gradient's entries; slots past the u distinct rows repeat the last row, so its duplicated writes
+    carry identical values), and Adam runs on those n rows: no data-dependent sizes, nothing read back.
+
     Raises ValueError for a dense gradient.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 sync_free: bool | None = None):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
+        self.sync_free = sync_free
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -177,11 +186,15 @@ class LazyAdam(torch.optim.Optimizer):
                     raise ValueError("LazyAdam needs sparse gradients (e.g. nn.Embedding(sparse=True)); "
                                      "use torch.optim.Adam for dense ones")
                 g = p.grad
+                sync_free = device_path(p) if self.sync_free is None else self.sync_free
                 rows = g._indices()[0]
-                if not (g.is_coalesced() or _strictly_increasing(rows)):
-                    g = g.coalesce()  # duplicates or unsorted rows (the tokenized lookup's gradient has neither)
+                if sync_free:
+                    rows, vals = _sum_duplicate_rows(rows, g._values())
+                elif not (g.is_coalesced() or _strictly_increasing(rows)):
+                    g = g.coalesce()  # duplicates or unsorted rows (the CPU lookup's gradient has neither)
                     rows = g._indices()[0]
-                vals = g._values()
+                if not sync_free:
+                    vals = g._values()
                 if vals.numel() == 0:
                     continue
                 st = self.state[p]
@@ -199,18 +212,38 @@ class LazyAdam(torch.optim.Optimizer):
                 if _fused_ok([p]):
                     # the kernel itself: torch.optim.adam.adam's Python (grouping by device and dtype, step
                     # increment) was ~0.2 ms of a ~2.9 ms lookup step on the CPU
-                    torch._fused_adam_([new], [vals.to(new.dtype)], [m], [v], [], [torch.tensor(float(t), device=p.device)],
+                    # (torch.full: a fill kernel; torch.tensor(..., device=cuda) would copy from the host and wait)
+                    torch._fused_adam_([new], [vals.to(new.dtype)], [m], [v], [], [torch.full((), float(t), device=p.device)],
                                        lr=group["lr"], beta1=b1, beta2=b2, weight_decay=0.0, eps=eps,
                                        amsgrad=False, maximize=False)
                 else:
                     adam_update([new], [vals.to(new.dtype)], [m], [v], [],
-                                [torch.tensor(float(t - 1), device=p.device)],  # adam() adds the 1
+                                [torch.full((), float(t - 1), device=p.device)],  # adam() adds the 1
                                 fused=False, amsgrad=False, beta1=b1, beta2=b2, lr=group["lr"],
                                 weight_decay=0.0, eps=eps, maximize=False)
                 _copy_rows(st["exp_avg"], rows, m)
                 _copy_rows(st["exp_avg_sq"], rows, v)
                 _copy_rows(p, rows, new)
         return loss
+
+
+def _sum_duplicate_rows(rows: Tensor, vals: Tensor) -> tuple[Tensor, Tensor]:
+    """(slot_rows int64 [n], sums [n, d]) for a sparse gradient's rows int64 [n] (any order, duplicates allowed)
+    and values [n, d], without host synchronisation: slot j < u holds the j-th distinct row (ascending) and the
+    sum of its values; slots j ≥ u repeat slot u - 1 (row and sum), so updating all n slots with index_copy_
+    writes identical values to that row (LazyAdam's sync-free step)."""
+    n = rows.numel()
+    if n == 0:
+        return rows, vals
+    sorted_rows, order = torch.sort(rows, stable=True)
+    first = torch.ones(n, dtype=torch.bool, device=rows.device)
+    first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    seg = torch.cumsum(first, 0) - 1  # distinct-row index of each sorted entry
+    pos = torch.arange(n, device=rows.device)
+    starts = torch.searchsorted(seg, pos)  # where distinct row j's entries begin; n (an empty bag) for j ≥ u
+    sums = F.embedding_bag(order, vals.contiguous(), starts, mode="sum")
+    slot = torch.minimum(pos, seg[-1:])
+    return sorted_rows.index_select(0, starts.index_select(0, slot)), sums.index_select(0, slot)
 
 
 def _strictly_increasing(rows: Tensor) -> bool:

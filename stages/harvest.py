@@ -52,6 +52,57 @@ def chunk_batches(windows, start: int, n_target: int, seq_chunk: int, batch_size
         row += len(batch)
 
 
+def _to_device(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
+    """int64 token ids on ``device``; to CUDA through pinned memory without waiting (a pageable copy would
+    wait for the previous forward to finish before this one could be launched)."""
+    t = torch.from_numpy(tokens).long()
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _ahead(items, depth: int):
+    """Iterate ``items`` with up to ``depth`` made ahead on a background thread (errors re-raised here; the
+    thread stops when the consumer stops)."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce() -> None:
+        try:
+            for x in items:
+                if not put(("item", x)):
+                    return
+            put(("end", None))
+        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
+            put(("error", e))
+
+    th = threading.Thread(target=produce, name="tsae-harvest-tokens", daemon=True)
+    th.start()
+    try:
+        while True:
+            kind, x = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise x
+            yield x
+    finally:
+        stop.set()
+        th.join()
+
+
 @contextlib.contextmanager
 def _client(h):
     from dask.distributed import Client, LocalCluster
@@ -163,8 +214,9 @@ def run(cfg: Config) -> dict:
                     unigram = client.submit(unigram_table, model, todo).result() if todo else {}
             else:
                 unigram = None
-                for row, tokens in chunk_batches(windows, start, target, writer.seq_chunk, h.batch_size):
-                    writer.append(tokens, run_hooks(lm, torch.from_numpy(tokens).long().to(lm.device), hooks))
+                batches = chunk_batches(windows, start, target, writer.seq_chunk, h.batch_size)
+                for row, tokens in _ahead(batches, depth=4):  # tokenized on a thread while the model runs
+                    writer.append(tokens, run_hooks(lm, _to_device(tokens, lm.device), hooks))
                     bar.update(len(tokens))
         exhausted = writer.remaining() > 0
         writer.flush()

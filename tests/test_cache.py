@@ -108,3 +108,61 @@ def test_different_cache_is_refused_naming_fields(tmp_path):
 def test_open_missing_cache_says_what_to_run(tmp_path):
     with pytest.raises(CacheError, match="cli.py harvest"):
         Cache.open(str(tmp_path / "none"))
+
+
+@pytest.mark.parametrize("fail_at", [None, 3])
+def test_parallel_chunk_writes_count_only_a_stored_prefix(tmp_path, monkeypatch, fail_at):
+    """With several writer threads finishing chunks out of order, n_seq only ever counts rows whose chunk is
+    stored (every committed n_seq is a prefix of finished chunks), the cache ends equal to the appended rows,
+    and a failed chunk stops n_seq before it while the writer reports the error."""
+    import random
+    import threading
+    import time
+
+    from pipeline import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "WRITER_THREADS", 4)
+    meta = {"format_version": 1, "model": "m", "hooks": ["h"], "context_size": 2, "d_model": 3, "d_vocab": 5,
+            "prepend_bos": True, "bos_token_id": 0, "sep_token_id": 0, "dataset": {}, "dtype": "float32",
+            "n_seq_target": 12, "seq_chunk": 2}
+    stored, commits, lock = set(), [], threading.Lock()
+    orig_write, orig_done = CacheWriter._write_chunk, CacheWriter._chunk_done
+    rnd = random.Random(0)
+
+    def write(self, start, tokens, acts):
+        time.sleep(rnd.random() * 0.05)  # finish out of order
+        if start // 2 == fail_at:
+            raise OSError("disk full (test)")
+        orig_write(self, start, tokens, acts)
+        with lock:
+            stored.add(start // 2)
+
+    def done(self, start, stop):
+        orig_done(self, start, stop)
+        with lock:
+            commits.append(self.meta["n_seq"])
+            assert all(c in stored for c in range(self.meta["n_seq"] // 2))  # committed rows are stored
+
+    monkeypatch.setattr(CacheWriter, "_write_chunk", write)
+    monkeypatch.setattr(CacheWriter, "_chunk_done", done)
+    w = CacheWriter(str(tmp_path / "c"), meta)
+    acts = torch.arange(12 * 2 * 3, dtype=torch.float32).reshape(12, 2, 3)
+    toks = np.arange(24, dtype=np.int32).reshape(12, 2)
+    try:
+        for i in range(0, 12, 3):  # batches of 3 rows: chunk boundaries fall inside batches
+            w.append(toks[i:i + 3], {"h": acts[i:i + 3]})
+        if fail_at is None:
+            w.finish()
+        else:
+            with pytest.raises(OSError, match="disk full"):
+                w.finish()
+    finally:
+        w.close()
+    c = Cache.open(str(tmp_path / "c"))
+    if fail_at is None:
+        assert c.n_seq == 12 and commits == sorted(commits)
+        np.testing.assert_array_equal(c.acts("h"), acts.numpy())
+        np.testing.assert_array_equal(c.tokens(), toks)
+    else:
+        assert c.n_seq == 2 * fail_at
+        np.testing.assert_array_equal(c.acts("h")[: c.n_seq], acts.numpy()[: c.n_seq])

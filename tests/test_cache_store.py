@@ -95,8 +95,14 @@ def test_bfloat16_is_stored_losslessly(tmp_path):
     hook = cfg.harvest.hooks[0]
     assert g[f"acts/{hook}"].dtype == np.uint16 and g.attrs["tsae"]["dtype"] == "bfloat16"
     c = Cache.open(str(tmp_path / "cache"))
-    lm = load_model("tiny-gpt2", "cpu")
-    fresh = run_hooks(lm, torch.from_numpy(c.tokens()).long(), [hook])[hook].to(torch.bfloat16)
+    # The fresh forward runs where the harvest ran (harvest.device "auto": CUDA when there is one), in the
+    # harvest's batches: a CPU forward of a CUDA harvest, or one whole-cache batch, differs in rounding (other
+    # kernels), which says nothing about storage. Then every stored bit must be the forward's.
+    lm = load_model("tiny-gpt2", cfg.harvest.device)
+    toks = torch.from_numpy(c.tokens()).long()
+    fresh = torch.cat([run_hooks(lm, toks[row:row + len(b)].to(lm.device), [hook])[hook].to(torch.bfloat16).cpu()
+                       for row, b in harvest.chunk_batches(iter(c.tokens()), 0, c.n_seq, c.seq_chunk,
+                                                           cfg.harvest.batch_size)])
     assert torch.equal(c.acts_torch(hook, dtype=torch.bfloat16), fresh)
 
 

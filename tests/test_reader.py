@@ -46,6 +46,28 @@ def test_epochs_differ_and_seeds_reproduce(tiny_cache):
     assert not torch.equal(e1, e2)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA"))])
+def test_batches_made_ahead_on_a_thread_are_the_same(tiny_cache, device):
+    """prefetch_batches (a background thread; on CUDA a side stream the consumer waits on) yields the batches of
+    the iterating-thread path, in order, and stops its thread when the consumer stops early."""
+    import threading
+
+    _, cache = tiny_cache
+    hook = cache.hooks[0]
+    tr, _ = split_chunks(cache, 0.2)
+    ref = [(b.acts, b.tokens) for b in ActivationReader(cache, hook, tr, 256, 1024, seed=3, prefetch_batches=0)]
+    r = ActivationReader(cache, hook, tr, 256, 1024, seed=3, device=device, prefetch_batches=2)
+    got = [(b.acts.cpu(), b.tokens.cpu()) for b in r]
+    assert len(got) == len(ref)
+    for (a, t), (a2, t2) in zip(ref, got):
+        assert torch.equal(a, a2) and torch.equal(t, t2)
+    for i, _ in enumerate(r):  # stop after 2 batches: the producer thread ends
+        if i == 1:
+            break
+    assert not any(th.name == "tsae-reader-batches" and th.is_alive() for th in threading.enumerate())
+
+
 def test_drop_last_and_bos_inclusion(tiny_cache):
     _, cache = tiny_cache
     hook = cache.hooks[0]

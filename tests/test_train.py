@@ -9,7 +9,7 @@ from pipeline.metrics import nmse
 from pipeline.reader import load_tokens
 from pipeline.saes import load_sae
 from stages import train
-from tests.conftest import make_config
+from tests.conftest import assert_same_logs, assert_same_run, make_config
 
 
 def test_train_writes_saes_whose_nmse_falls_and_lookup_trains(tiny_cache, tmp_path):
@@ -73,7 +73,8 @@ def _small(tmp_path, cache_cfg, *extra):
                        "train.ce_eval_seqs=0", "train.autocast=none", *extra)
 
 
-def test_resume_after_a_signal_equals_an_uninterrupted_run(tiny_cache, tmp_path, monkeypatch):
+def test_resume_after_a_signal_equals_an_uninterrupted_run(tiny_cache, tmp_path, monkeypatch, cuda_deterministic):
+    """Bitwise on the CPU; on CUDA within tests.conftest.TRAIN_RTOL (see there)."""
     import os
     import signal
 
@@ -109,12 +110,10 @@ def test_resume_after_a_signal_equals_an_uninterrupted_run(tiny_cache, tmp_path,
     assert not (tmp_path / "run" / "saes" / "checkpoint").exists()
     for name in ("bt", "jr-tok"):
         a, b = _weights(tmp_path / "ref" / "saes" / name), _weights(tmp_path / "run" / "saes" / name)
-        assert a.keys() == b.keys()
-        for k in a:
-            assert torch.equal(a[k], b[k]), (name, k)
+        assert_same_run(a, b, f"resumed {name}")
         la = [json.loads(x) for x in open(tmp_path / "ref" / "saes" / name / "metrics.jsonl")]
         lb = [json.loads(x) for x in open(tmp_path / "run" / "saes" / name / "metrics.jsonl")]
-        assert la == lb
+        assert_same_logs(la, lb, f"resumed {name}")
 
     # a checkpoint of a different run is refused, naming what differs
     other = _small(tmp_path / "run", cfg, saes, "train.checkpoint_every=3", "train.lr=0.123")
@@ -145,6 +144,7 @@ def test_sweep_grid_trains_every_variant_on_shared_batches(tiny_cache, tmp_path)
 
 
 def test_dask_groups_equal_a_single_process_run(tiny_cache, tmp_path):
+    """Bitwise on the CPU; on CUDA within tests.conftest.TRAIN_RTOL (each worker process picks its own kernels)."""
     cfg, _ = tiny_cache
     saes = 'train.saes=[{name="a", expansion=2, k=4}, {name="b", architecture="gated", expansion=2, tokenized=true}]'
     single = _small(tmp_path / "one", cfg, saes, "train.n_epochs=0.5")
@@ -154,8 +154,7 @@ def test_dask_groups_equal_a_single_process_run(tiny_cache, tmp_path):
     assert summary["groups"] == [["a"], ["b"]]
     for name in ("a", "b"):
         a, b = _weights(tmp_path / "one" / "saes" / name), _weights(tmp_path / "two" / "saes" / name)
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+        assert_same_run(a, b, f"dask group {name}")
 
 
 def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
@@ -182,13 +181,17 @@ def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
     assert pair["nmse_diff_ci95"][0] <= pair["nmse_diff_ci95"][1] and len(pair["ce_added_diff_ci95"]) == 2
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sync_free", [False, True])  # the CPU path (coalesce) / the CUDA path (sums on device)
 @pytest.mark.parametrize("fused", [True, False])  # torch's fused Adam kernel directly, or torch.optim.adam.adam
 @pytest.mark.parametrize("width", [6, 8])  # 24-byte rows: plain index_copy_; 32-byte rows: 16-byte element copies
-def test_lazy_adam_equals_sparse_adam(width, fused, monkeypatch):
+def test_lazy_adam_equals_sparse_adam(width, fused, sync_free, device, monkeypatch):
     """pipeline.training.LazyAdam makes torch.optim.SparseAdam's updates (parameter and moments), touching only
-    the rows of each step's sparse gradient, and refuses a dense gradient."""
-    import copy
-
+    the rows of each step's sparse gradient, and refuses a dense gradient; its sync-free path (duplicates
+    summed on the device, the default off the CPU) too. SparseAdam runs on the CPU as the reference."""
     from pipeline import training
     from pipeline.training import LazyAdam
 
@@ -196,8 +199,9 @@ def test_lazy_adam_equals_sparse_adam(width, fused, monkeypatch):
 
     torch.manual_seed(0)
     w0 = torch.randn(40, width)
-    a, b = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
-    opt_a, opt_b = LazyAdam([a], lr=0.05, betas=(0.8, 0.95)), torch.optim.SparseAdam([b], lr=0.05, betas=(0.8, 0.95))
+    a, b = torch.nn.Parameter(w0.clone().to(device)), torch.nn.Parameter(w0.clone())
+    opt_a = LazyAdam([a], lr=0.05, betas=(0.8, 0.95), sync_free=sync_free)
+    opt_b = torch.optim.SparseAdam([b], lr=0.05, betas=(0.8, 0.95))
     untouched = torch.ones(40, dtype=torch.bool)
     for _ in range(12):
         rows = torch.randint(0, 30, (25,))  # rows 30..39 never get a gradient
@@ -205,13 +209,28 @@ def test_lazy_adam_equals_sparse_adam(width, fused, monkeypatch):
         g = torch.randn(25, width)
         for p, opt in ((a, opt_a), (b, opt_b)):
             opt.zero_grad()
-            p.grad = torch.sparse_coo_tensor(rows[None], g, p.shape)  # uncoalesced: duplicates
+            p.grad = torch.sparse_coo_tensor(rows[None], g, p.shape).to(p.device)  # uncoalesced: duplicates
             opt.step()
-    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a.cpu(), b)
     for key in ("exp_avg", "exp_avg_sq"):
-        torch.testing.assert_close(opt_a.state[a][key], opt_b.state[b][key])
-    assert torch.equal(a.detach()[untouched], w0[untouched])
-    # same state names: a SparseAdam checkpoint continues in LazyAdam
+        torch.testing.assert_close(opt_a.state[a][key].cpu(), opt_b.state[b][key])
+    assert torch.equal(a.detach().cpu()[untouched], w0[untouched])
+
+
+def test_lazy_adam_continues_a_sparse_adam_checkpoint():
+    """Same state names: a SparseAdam checkpoint continues in LazyAdam; a dense gradient is refused."""
+    import copy
+
+    from pipeline.training import LazyAdam
+
+    torch.manual_seed(0)
+    width = 8
+    b = torch.nn.Parameter(torch.randn(40, width))
+    opt_b = torch.optim.SparseAdam([b], lr=0.05, betas=(0.8, 0.95))
+    for _ in range(3):
+        opt_b.zero_grad()
+        b.grad = torch.sparse_coo_tensor(torch.randint(0, 30, (1, 25)), torch.randn(25, width), b.shape)
+        opt_b.step()
     c = torch.nn.Parameter(b.detach().clone())
     opt_c = LazyAdam([c], lr=0.05, betas=(0.8, 0.95))
     opt_c.load_state_dict(copy.deepcopy(opt_b.state_dict()))  # (load_state_dict would share the tensors)
@@ -221,9 +240,9 @@ def test_lazy_adam_equals_sparse_adam(width, fused, monkeypatch):
         p.grad = torch.sparse_coo_tensor(rows[None], g, p.shape)
         opt.step()
     torch.testing.assert_close(c, b)
-    a.grad = torch.ones_like(a)
+    c.grad = torch.ones_like(c)
     with pytest.raises(ValueError, match="sparse gradients"):
-        opt_a.step()
+        opt_c.step()
 
 
 def test_strictly_increasing():

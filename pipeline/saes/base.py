@@ -121,21 +121,51 @@ class SparseCode(NamedTuple):
         return self._replace(vals=self.vals * keep)
 
 
+DEVICE_PATHS_ON_CPU = False
+"""Tests only: run the accelerator code paths (no host synchronisation, fixed summation orders) on the CPU too."""
+DEVICE_PATHS_ENV = "TSAE_DEVICE_PATHS"
+"""Environment variable: "0" makes tensors off the CPU take the CPU code paths (which synchronise with the
+host) — a fallback for comparing the two on a GPU; default "1"."""
+
+
+def device_path(t: Tensor) -> bool:
+    """Whether code handling ``t`` takes the accelerator path: t is off the CPU (unless TSAE_DEVICE_PATHS=0),
+    or DEVICE_PATHS_ON_CPU."""
+    if t.device.type == "cpu":
+        return DEVICE_PATHS_ON_CPU
+    return os.environ.get(DEVICE_PATHS_ENV, "1") != "0"
+
+
 def bag_ids(offsets: Tensor, nnz: int) -> Tensor:
-    """The bag of every entry: int64 [nnz], for bag starts ``offsets`` int64 [n_bags] (ascending; bags may be empty)."""
-    counts = torch.diff(offsets, append=offsets.new_tensor([nnz]))
-    return torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), counts)
+    """The bag of every entry: int64 [nnz], for bag starts ``offsets`` int64 [n_bags] (ascending; bags may be empty).
+
+    No host synchronisation (the output size is given), so it can run inside a CUDA step."""
+    counts = torch.diff(offsets, append=torch.full((1,), nnz, dtype=offsets.dtype, device=offsets.device))
+    return torch.repeat_interleave(torch.arange(offsets.numel(), device=offsets.device), counts, output_size=nnz)
 
 
-def _sum_by_index(idx: Tensor, rows: Tensor, weights: Tensor, M: Tensor, n: int) -> Tensor:
+def _sort_by_index(idx: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """(order [nnz], starts [n]): the entries sorted by idx int64 [nnz] (values in [0, n)), and where each
+    value's entries begin in that order (= idx's count per value, exclusive cumulative sum).
+
+    On CUDA without host synchronisation (``bincount`` reads idx's maximum back to size its output; a
+    ``searchsorted`` of 0..n-1 in the sorted idx does not); on the CPU ``bincount`` (faster there)."""
+    if not device_path(idx):
+        counts = torch.bincount(idx, minlength=n)
+        return torch.argsort(idx), torch.cumsum(counts, 0) - counts
+    sorted_idx, order = torch.sort(idx)
+    return order, torch.searchsorted(sorted_idx, torch.arange(n, device=idx.device, dtype=idx.dtype))
+
+
+def _sum_by_index(idx: Tensor, rows: Tensor, weights: Tensor, M: Tensor, n: int,
+                  sorted_by: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """out[j] = Σ_{e: idx_e = j} weights_e · M[rows_e]: [n, M.shape[1]] for idx, rows int64 [nnz], weights [nnz].
 
     One ``embedding_bag`` over the entries sorted by j, parallel over j (a backward that scatters entry by
-    entry, like torch's for ``embedding_bag``, is slower on the CPU)."""
-    order = torch.argsort(idx)
-    counts = torch.bincount(idx, minlength=n)
-    return F.embedding_bag(rows[order], M, torch.cumsum(counts, 0) - counts, mode="sum",
-                           per_sample_weights=weights[order])
+    entry, like torch's for ``embedding_bag``, is slower on the CPU; on CUDA it uses float atomics, so its
+    result would vary from run to run). ``sorted_by``: :func:`_sort_by_index` of (idx, n), if already made."""
+    order, starts = sorted_by if sorted_by is not None else _sort_by_index(idx, n)
+    return F.embedding_bag(rows[order], M, starts, mode="sum", per_sample_weights=weights[order])
 
 
 class ForwardOutput:
@@ -292,10 +322,16 @@ class _GatherPre(torch.autograd.Function):
         xc, W_enc, rows, idx = ctx.saved_tensors
         m = W_enc.shape[1]
         g = g.to(xc.dtype)
-        g_b_enc = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, idx, g)
         g_x = g_b_dec = g_W = None
-        if ctx.needs_input_grad[3]:
-            g_W = _sum_by_index(idx, rows, g, xc, m).T
+        if not device_path(g):
+            g_b_enc = torch.zeros(m, dtype=g.dtype, device=g.device).index_add_(0, idx, g)
+            if ctx.needs_input_grad[3]:
+                g_W = _sum_by_index(idx, rows, g, xc, m).T
+        else:  # per-latent sums from one sort by latent, in a fixed order (index_add_'s atomics vary run to run)
+            by = _sort_by_index(idx, m)
+            g_b_enc = F.embedding_bag(by[0], g[:, None], by[1], mode="sum").squeeze(1)
+            if ctx.needs_input_grad[3]:
+                g_W = _sum_by_index(idx, rows, g, xc, m, sorted_by=by).T
         if ctx.needs_input_grad[2]:
             g_b_dec = -(W_enc @ g_b_enc.to(W_enc.dtype))
         if ctx.needs_input_grad[1]:
@@ -394,6 +430,75 @@ def sparse_decode(W: Tensor, idx: Tensor, offsets: Tensor, vals: Tensor) -> Tens
     return F.embedding_bag(idx, W, offsets, mode="sum", per_sample_weights=vals)
 
 
+DECODE_ENV = "TSAE_SPARSE_DECODE"
+"""Environment variable forcing how sparse codes are decoded in training: "sparse" (embedding_bag), "dense"
+(scatter into [batch, d_sae] and one matmul) or "auto" (the default: see :func:`dense_decode_wins`)."""
+
+_DENSE_DECODE_CHOICE: dict[tuple, bool] = {}
+
+
+def dense_decode_wins(batch: int, d_sae: int, d_model: int, nnz: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether decoding a sparse code densely — f [batch, d_sae] with the nnz values scattered in, then f · W_dec
+    in ``dtype`` (the autocast dtype, else float32) — is faster than :func:`sparse_decode` for a training step
+    (forward + backward) at this shape on ``device``.
+
+    The CPU: always False (the sparse decoder is far cheaper there). CUDA: measured once per (shape, dtype,
+    device) in this process — 3 warm-up and 7 timed forward+backward passes of each on random data, CUDA
+    events, medians — and cached, so every later step of the run takes the same path. The dense decode does
+    batch·d_sae·d_model multiply-adds three times (forward, ∂W_dec, ∂f) on the tensor cores; the sparse one
+    gathers and scatters nnz rows of W_dec (memory-bound, ~0.8 ms of an H200 step at batch 4096, d_sae 12288,
+    k 32 in the issue's profile). ``TSAE_SPARSE_DECODE`` = "dense" / "sparse" forces either.
+    """
+    force = os.environ.get(DECODE_ENV, "auto")
+    if force in ("dense", "sparse"):
+        return force == "dense"
+    if device.type != "cuda":
+        return False
+    key = (batch, d_sae, d_model, nnz, dtype, device)
+    if key not in _DENSE_DECODE_CHOICE:
+        _DENSE_DECODE_CHOICE[key] = _measure_dense_decode(*key)
+    return _DENSE_DECODE_CHOICE[key]
+
+
+def _measure_dense_decode(batch: int, d_sae: int, d_model: int, nnz: int, dtype: torch.dtype,
+                          device: torch.device) -> bool:
+    """dense_decode_wins' measurement (CUDA): True when the dense decode's median time is the lower."""
+    import statistics
+
+    g = torch.Generator(device=device).manual_seed(0)
+    W = torch.randn(d_sae, d_model, device=device, generator=g).requires_grad_()
+    per = max(1, nnz // max(1, batch))
+    idx = torch.randint(0, d_sae, (batch * per,), device=device, generator=g)
+    offsets = torch.arange(0, batch * per, per, device=device)
+    vals = torch.rand(batch * per, device=device, generator=g, dtype=dtype).requires_grad_()
+    gy = torch.randn(batch, d_model, device=device, generator=g)
+    code = SparseCode(vals, idx, offsets, batch)
+
+    def sparse() -> None:
+        sparse_decode(W, idx, offsets, vals).backward(gy)
+
+    def dense() -> None:
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            y = code.dense(d_sae) @ W
+        y.backward(gy)
+
+    times = {}
+    with torch.enable_grad():
+        for name, fn in (("sparse", sparse), ("dense", dense)):
+            for _ in range(3):
+                fn()
+            ts = []
+            for _ in range(7):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                b.synchronize()
+                ts.append(a.elapsed_time(b))
+            times[name] = statistics.median(ts)
+    return times["dense"] < times["sparse"]
+
+
 def group_by_row(rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The positions of rows int64 [n] grouped by value: (uniq [u] the distinct values ascending, starts [u]
     where each value's group begins in ``order``, order [n] the positions, stably sorted by value), all int64.
@@ -433,12 +538,23 @@ class _Lookup(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, W: Tensor, rows: Tensor, pad: int | None) -> Tensor:
-        ctx.save_for_backward(*group_by_row(rows))
         ctx.shape, ctx.pad = W.shape, pad
+        ctx.grouped = not device_path(rows)
+        ctx.save_for_backward(*(group_by_row(rows) if ctx.grouped else (rows,)))
         return W.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        if not ctx.grouped:
+            # CUDA: grouping by row has a data-dependent size (a host synchronisation), so the gradient is one
+            # entry per batch position (uncoalesced, the padding row's zeroed); pipeline.training.LazyAdam sums
+            # duplicates on the device (a zero gradient leaves the all-zero padding row and its moments at 0).
+            (rows,) = ctx.saved_tensors
+            g = g.contiguous()
+            if ctx.pad is not None:
+                g = g * (rows != ctx.pad).unsqueeze(1).to(g.dtype)
+            return torch.sparse_coo_tensor(rows[None], g, ctx.shape, is_coalesced=False,
+                                           check_invariants=False), None, None
         uniq, starts, order = ctx.saved_tensors
         grad = F.embedding_bag(order, g.contiguous(), starts, mode="sum")
         if ctx.pad is not None:
@@ -601,10 +717,22 @@ class SAE(nn.Module):
         return self.W_lookup.detach()[self.lookup_index]
 
     def decode_sae(self, z: Tensor | SparseCode) -> Tensor:
-        """The dictionary part f · W_dec [batch, d_model] (sparse codes through :func:`sparse_decode`)."""
+        """The dictionary part f · W_dec [batch, d_model] (sparse codes through :func:`sparse_decode`, or densely
+        where :meth:`dense_decode` says so: on CUDA when measured faster)."""
         if isinstance(z, SparseCode):
+            if self.dense_decode(z):
+                return z.dense(self.params.d_sae) @ self.W_dec
             return sparse_decode(self.W_dec, z.idx, z.offsets, z.vals)
         return z @ self.W_dec
+
+    def dense_decode(self, z: SparseCode) -> bool:
+        """Whether the sparse code z is decoded as a dense [batch, d_sae] matmul (:func:`dense_decode_wins` for
+        this shape, device and autocast dtype; False outside training and on the CPU unless forced)."""
+        if not (self.training and torch.is_grad_enabled()):
+            return False
+        dev = self.W_dec.device
+        dt = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.W_dec.dtype
+        return dense_decode_wins(z.batch, self.params.d_sae, self.params.d_model, z.idx.numel(), dt, dev)
 
     def decode(self, f: Tensor | SparseCode, tokens: Tensor | None = None) -> Tensor:
         """x̂ = f · W_dec + b_dec + W_lookup[tokens]: [batch, d_model]."""
@@ -663,16 +791,57 @@ class SAE(nn.Module):
     @torch.no_grad()
     def update_firing(self, f: Tensor) -> None:
         """Advance the tokens-since-fired counter by the batch and reset it for latents that fired."""
+        known = self._since_fired_known()
         self.tokens_since_fired += f.shape[0]
         if f.numel():
             f = f.reshape(-1, f.shape[-1])
-            self.tokens_since_fired[(f.amax(0) != 0) | (f.amin(0) != 0)] = 0  # = (f != 0).any(0), 2 fast reductions
+            fired = (f.amax(0) != 0) | (f.amin(0) != 0)  # = (f != 0).any(0), 2 fast reductions
+            if not device_path(f):
+                self.tokens_since_fired[fired] = 0
+            else:  # a boolean index reads the count back: a host synchronisation in the step
+                self.tokens_since_fired.masked_fill_(fired, 0)
+        self._advance_since_fired_bound(known, f.shape[0])
 
     @torch.no_grad()
     def _update_firing_code(self, code: SparseCode) -> None:
         """:meth:`update_firing` of ``code.dense(d_sae)``, from the code's entries alone."""
+        known = self._since_fired_known()
         self.tokens_since_fired += code.batch
-        self.tokens_since_fired[code.idx[code.vals != 0]] = 0
+        if not device_path(code.idx):
+            self.tokens_since_fired[code.idx[code.vals != 0]] = 0
+        else:  # without a data-dependent shape (no host synchronisation): count non-zeros per latent
+            nz = torch.zeros_like(self.tokens_since_fired).index_add_(0, code.idx, (code.vals != 0).long())
+            self.tokens_since_fired.masked_fill_(nz > 0, 0)
+        self._advance_since_fired_bound(known, code.batch)
+
+    # A host-side upper bound on max(tokens_since_fired), so that "is any latent dead?" (asked by AuxK every
+    # step) needs no device read-back while none can be: (bound, the tensor's _version when it was valid).
+    # Any other in-place change of the tensor (a checkpoint load, a test setting it) changes _version and the
+    # bound is dropped; the next question reads the tensor back.
+    _since_fired_bound: tuple[int, tuple[int, int]] | None = None
+
+    def _since_fired_stamp(self) -> tuple[int, int]:
+        t = self.tokens_since_fired
+        return t._version, t.data_ptr()
+
+    def _since_fired_known(self) -> int | None:
+        b = self._since_fired_bound
+        return b[0] if b is not None and b[1] == self._since_fired_stamp() else None
+
+    def _advance_since_fired_bound(self, known: int | None, n: int) -> None:
+        self._since_fired_bound = None if known is None else (known + n, self._since_fired_stamp())
+
+    def maybe_dead(self) -> bool:
+        """False only if no latent can be dead (then :meth:`dead_mask` is all False); True means "read
+        :meth:`dead_mask`". Reads ``tokens_since_fired`` back from the device only when its host-side bound
+        exceeds ``params.dead_after_tokens`` (once per ~(dead_after_tokens - max) / batch steps while latents
+        keep firing, every step once some are dead)."""
+        known = self._since_fired_known()
+        if known is not None and known <= self.params.dead_after_tokens:
+            return False
+        top = int(self.tokens_since_fired.max()) if self.tokens_since_fired.numel() else 0
+        self._since_fired_bound = (top, self._since_fired_stamp())
+        return top > self.params.dead_after_tokens
 
     def dead_mask(self) -> Tensor:
         """bool [d_sae]: latents silent for more than ``params.dead_after_tokens`` training tokens."""
@@ -722,6 +891,7 @@ class SAE(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Saves and checkpoints of an untruncated lookup written before rows were frequency-ordered have no
         # lookup_index: their rows are in token order, the identity.
+        self._since_fired_bound = None
         key = prefix + "lookup_index"
         if self.lookup_index is not None and not self.params.lookup_rows and key not in state_dict:
             state_dict[key] = torch.arange(self.params.d_vocab, device=self.lookup_index.device)

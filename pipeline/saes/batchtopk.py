@@ -12,6 +12,11 @@ from pipeline.saes.base import SAE, SparseCode, gather_pre
 from pipeline.saes.topk import auxk_loss
 
 
+SAMPLED_SELECTION_ON_CUDA = True
+"""On CUDA: select through the sampled threshold below (reads its candidate count back: a host
+synchronisation) rather than one ``topk`` of the whole batch plus a sort of the kept positions (none)."""
+
+
 def _top_positions(flat: Tensor, kk: int, row: int = 1) -> Tensor:
     """Ascending positions of the kk largest entries of ``flat`` (ranked by raw value, ties broken by torch.topk).
 
@@ -22,7 +27,8 @@ def _top_positions(flat: Tensor, kk: int, row: int = 1) -> Tensor:
     sample covers every column (a stride dividing d_sae would sample a fixed 1/stride of the latents).
     """
     total = flat.numel()
-    if kk < total // 8 and total >= 1 << 18:
+    sampled = SAMPLED_SELECTION_ON_CUDA or flat.device.type != "cuda"
+    if sampled and kk < total // 8 and total >= 1 << 18:
         stride = max(1, total // (1 << 20))
         while math.gcd(stride, row) != 1:
             stride += 1
@@ -82,15 +88,12 @@ class BatchTopKSAE(SAE):
 
     @torch.no_grad()
     def _update_threshold(self, vals: Tensor) -> None:
-        pos = vals[vals > 0]
-        if pos.numel() == 0:
-            return
-        m = pos.min().float()
-        if self.threshold < 0:
-            self.threshold.copy_(m)
-        else:
-            d = self.params.threshold_decay
-            self.threshold.mul_(d).add_((1 - d) * m)
+        """θ ← m (first batch) or d·θ + (1 - d)·m, m = the smallest positive kept value; unchanged if none is
+        positive. On the device, without reading θ or m back (no host synchronisation in a CUDA step)."""
+        m = torch.where(vals > 0, vals, torch.inf).amin().float() if vals.numel() else self.threshold.new_tensor(math.inf)
+        d = self.params.threshold_decay
+        new = torch.where(self.threshold < 0, m, self.threshold * d + (1 - d) * m)
+        self.threshold.copy_(torch.where(torch.isfinite(m), new, self.threshold))
 
     def aux_terms(self, x, x_hat, pre, latents, lookup) -> dict[str, Tensor]:
         if not self.training:

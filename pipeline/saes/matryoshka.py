@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from pipeline.saes.base import SparseCode, sparse_decode
+from pipeline.saes.base import SparseCode, device_path, sparse_decode
 from pipeline.saes.batchtopk import BatchTopKSAE
 
 
@@ -37,12 +37,20 @@ class MatryoshkaBatchTopKSAE(BatchTopKSAE):
         if not (self.training and isinstance(z, SparseCode)) or len(self.prefixes) == 1:
             return super().decode_sae(z)
         n, ng = z.batch, len(self.prefixes)
-        group = torch.bucketize(z.idx, torch.tensor(self.prefixes[:-1], device=z.idx.device), right=True)
-        # entries ordered by (group, token): each group's entries keep the code's token order
-        keep = torch.cat([(group == i).nonzero().squeeze(1) for i in range(ng)])
-        key = group[keep] * n + z.rows()[keep]
-        offsets = torch.searchsorted(key, torch.arange(ng * n, device=key.device))
-        parts = sparse_decode(self.W_dec, z.idx[keep], offsets, z.vals[keep]).view(ng, n, -1).unbind(0)
+        if self.dense_decode(z):  # each group's columns of the dense code times its rows of W_dec (CUDA, measured)
+            f = z.dense(self.params.d_sae)
+            bounds = [0, *self.prefixes]
+            parts = [(f[:, a:b] @ self.W_dec[a:b]).float() for a, b in zip(bounds[:-1], bounds[1:])]  # sums in fp32
+        else:
+            group = torch.bucketize(z.idx, torch.tensor(self.prefixes[:-1], device=z.idx.device), right=True)
+            # entries ordered by (group, token): each group's entries keep the code's token order
+            if not device_path(group):
+                keep = torch.cat([(group == i).nonzero().squeeze(1) for i in range(ng)])
+            else:  # the same order by a stable sort: no data-dependent sizes, no host synchronisation
+                keep = torch.sort(group, stable=True).indices
+            key = group[keep] * n + z.rows()[keep]
+            offsets = torch.searchsorted(key, torch.arange(ng * n, device=key.device))
+            parts = sparse_decode(self.W_dec, z.idx[keep], offsets, z.vals[keep]).view(ng, n, -1).unbind(0)
         # running sums, out of place (cumsum over the groups measured 2× slower forward and backward; indexing
         # parts one by one would give each its own [groups, batch, d_model] zero-filled gradient)
         sums = [parts[0]]

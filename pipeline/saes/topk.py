@@ -40,9 +40,11 @@ def auxk_loss(sae: SAE, x: Tensor, x_hat: Tensor, pre: Tensor, dense: bool | Non
     d_sae 4608, k_aux 512) a sparse entry cost ~0.6 µs against ~0.07 µs per token and dead column densely.
     """
     p = sae.params
+    if p.aux_coeff <= 0 or p.aux_k <= 0 or not sae.maybe_dead():  # no device read-back while none can be dead
+        return None
     dead = sae.dead_mask()
     n_dead = int(dead.sum())
-    if p.aux_coeff <= 0 or p.aux_k <= 0 or n_dead == 0:
+    if n_dead == 0:
         return None
     k_aux = min(p.aux_k, n_dead)
     dead_idx = dead.nonzero().squeeze(1)
