@@ -11,7 +11,7 @@ shape; the peers' "shape A"):
   Zipf-distributed token ids, lookup lr = 100 × lr, W_lookup initialised from a unigram table with
   its rows ordered by token count, as in training), in float32 and/or bf16 autocast (``--autocast``).
 * **dense baseline**: a minimal plain-PyTorch dense ReLU SAE step of the same shape in float32 — the
-  peers' ``bench_ref.plain_relu`` (``/work/shared/peers/bench_ref.py``): ``f = relu((x - b_dec) @ W_enc
+  peers' ``bench_ref.plain_relu`` (the peer-comparison harness's reference step): ``f = relu((x - b_dec) @ W_enc
   + b_enc)``, ``x̂ = f @ W_dec + b_dec``, MSE + 1e-3·L1, backward, Adam. On this 2-core machine it ran
   at ~4,600 tok/s in the peers' run (``results-2026-11-22.txt``).
 * **N-in-one**: N TopK SAEs in one ``MultiTrainer`` (sharing every batch) against N single-SAE trainers
@@ -112,7 +112,8 @@ BLOCK_STEPS = 1  # steps per timed block (between two device synchronisations on
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
 LR, LOOKUP_LR_SCALE, ALPHA = 4e-4, 25.0, 0.5  # pipeline/config.py defaults
 
-# Best peer tokens/s at this shape (/work/shared/peers/results-2026-11-22.txt), and the peers' own dense
+# Best peer tokens/s at this shape (SAELens and dictionary_learning measured in their own virtual environments
+# on the reference host, run of 2026-11-22: results-2026-11-22.txt), and the peers' own dense
 # plain-PyTorch baseline in that run: targets are 1.5 × peer / PEER_BASELINE, as ratios to our baseline.
 # ``--peers results.jsonl`` (from run_peers.sh on this host) replaces them (load_peers).
 PEER_SOURCE = "results-2026-11-22.txt (reference host)"
