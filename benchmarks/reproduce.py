@@ -117,9 +117,11 @@ def paper_overlap(ci: tuple[float, float] | list[float] | None, paper: tuple[flo
 # -- statistics -----------------------------------------------------------------------------------------------
 def newcombe_diff(p1: float, ci1: tuple[float, float], p2: float, ci2: tuple[float, float]) -> list[float]:
     """95% interval of p1 − p2 for two independent proportions from their Wilson intervals (Newcombe 1998,
-    method 10, the hybrid score interval): [d − √((p1−l1)² + (u2−p2)²), d + √((u1−p1)² + (p2−l2)²)]."""
+    method 10, the hybrid score interval), d = p1 − p2:
+    [d − √((p1−l1)² + (u2−p2)²), d + √((u1−p1)² + (p2−l2)²)]."""
     d = p1 - p2
-    return [d - math.sqrt((p1 - ci1[0]) ** 2 + (ci2[1] - p2) ** 2), d + math.sqrt((ci1[1] - p1) ** 2 + (p2 - ci2[0]) ** 2)]
+    return [d - math.sqrt((p1 - ci1[0]) ** 2 + (ci2[1] - p2) ** 2),
+            d + math.sqrt((ci1[1] - p1) ** 2 + (p2 - ci2[0]) ** 2)]
 
 
 def l0_reduction(plain_l0: np.ndarray, plain_nmse: np.ndarray, tok_l0: np.ndarray, tok_nmse: np.ndarray) -> np.ndarray:
@@ -451,7 +453,8 @@ def claim_unigram(run: RunData) -> Claim:
     return Claim("unigram", title, rows, figs,
                  f"Threshold: {uf.get('definition', '?')} ({uf.get('mode')} mode, {uf.get('threshold')}). Live "
                  f"latents: {p['live_latents']:,} plain, {t['live_latents']:,} tokenized. Intervals: "
-                 f"{uf.get('interval_method', 'Wilson')}; the difference by Newcombe's hybrid score method. The paper's "
+                 f"{uf.get('interval_method', 'Wilson')}; the difference by Newcombe's hybrid score method. "
+                 "The paper's "
                  "plain RES-JB GPT-2 SAEs: 35–45% of latents reconstruct common unigrams.")
 
 
@@ -471,7 +474,8 @@ def claim_mse_slope(run: RunData, n_boot: int, seed: int) -> Claim:
                 note=f"tokenized {pair[1]}: {b['slope_b']:+.4f} [{b['ci_b'][0]:+.4f}, {b['ci_b'][1]:+.4f}]; "
                      f"tokenized − plain {b['diff']:+.4f} [{b['ci_diff'][0]:+.4f}, {b['ci_diff'][1]:+.4f}]")]
     return Claim("mse_slope", title, rows, figs,
-                 f"Least-squares slope over the analysis' {len(bins[pair[0]])} frequency bins (per-token ‖x − x̂‖² ÷ "
+                 f"Least-squares slope over the analysis' {len(bins[pair[0]])} frequency bins "
+                 "(per-token ‖x − x̂‖² ÷ "
                  "mean per-token variance against log10 of the bin's geometric centre, weighted by its tokens). "
                  f"Interval: {n_boot} resamples of the bins with replacement, each bin mean drawn from a normal "
                  "with its standard error (the same bins for both SAEs).")
@@ -479,6 +483,8 @@ def claim_mse_slope(run: RunData, n_boot: int, seed: int) -> Claim:
 
 def claim_structure(run: RunData, n_boot: int, seed: int, device: str = "cpu") -> Claim:
     """Claim 5: seed matching vs initialisation, stitching (novel vs reconstruction latents), meta-SAE vs init."""
+    import torch
+
     from pipeline.analysis import matching as Mt
     from pipeline.analysis import meta_sae as Ms
     from pipeline.analysis.unigram_features import wilson_interval
@@ -516,7 +522,8 @@ def claim_structure(run: RunData, n_boot: int, seed: int, device: str = "cpu") -
             diff, dci = M.paired_interval(f, a_, b_, wt)
             rows.append(Row("5a", f"seeds {x} vs {y}: {label}", "55–83% (TopK 16, GPT-2)" if paper else "–",
                             point, ci, f"at init {float(f(M.resample(a_))[0]):{fmt[2:-1]}}; trained − init "
-                            f"{sfmt.format(diff)} [{sfmt.format(dci[0])}, {sfmt.format(dci[1])}]", verdict(dci, 0.0, +1), paper, fmt))
+                            f"{sfmt.format(diff)} [{sfmt.format(dci[0])}, {sfmt.format(dci[1])}]",
+                            verdict(dci, 0.0, +1), paper, fmt))
     if not any(r.claim == "5a" for r in rows):
         rows.append(Row("5a", "seed matching", "55–83%", math.nan, None, "at init", INCONCLUSIVE,
                         note="no two SAEs differing only in seed"))
@@ -531,14 +538,15 @@ def claim_structure(run: RunData, n_boot: int, seed: int, device: str = "cpu") -
         fn, fr = e.get("novel_improving_frac"), e.get("reconstruction_improving_frac")
         if n_nov and n_rec and fn is not None and fr is not None and math.isfinite(fn) and math.isfinite(fr):
             cn, cr = wilson_interval(round(fn * n_nov), n_nov), wilson_interval(round(fr * n_rec), n_rec)
-            dci, v = newcombe_diff(fn, cn, fr, cr), None
+            dci = newcombe_diff(fn, cn, fr, cr)
             v = verdict(dci, 0.0, +1)
             note = (f"novel latents lowering MSE {fn:.1%} vs reconstruction latents {fr:.1%}: difference "
                     f"{fn - fr:+.1%} [{dci[0]:+.1%}, {dci[1]:+.1%}] decides")
         else:
             v, note = INCONCLUSIVE, (f"{n_nov} novel / {n_rec} reconstruction latents: both kinds are needed to "
                                      "compare their effect")
-        rows.append(Row("5b", f"stitching {key}: share of novel latents (cos ≤ {d.get('graph', {}).get('threshold', a.stitching_threshold)})",
+        cos_thr = (d.get("graph") or {}).get("threshold", a.stitching_threshold)
+        rows.append(Row("5b", f"stitching {key}: share of novel latents (cos ≤ {cos_thr})",
                         "novel latents lower MSE, reconstruction latents duplicate", share, list(share_ci),
                         "reconstruction latents' share lowering MSE", v, None, "{:.1%}", note))
     if not any(r.claim == "5b" for r in rows):
@@ -557,7 +565,7 @@ def claim_structure(run: RunData, n_boot: int, seed: int, device: str = "cpu") -
                 continue
             r = Ms.train_meta_sae(w, mcfg, device=device)
             rows_ = Ms.decoder_rows(w).to(r.sae.W_dec.device)
-            with __import__("torch").no_grad():
+            with torch.no_grad():
                 xh = r.sae.decode(r.sae.encode(rows_))
             sums[label] = {"sse": M.mse_per_token(rows_, xh).double().cpu().numpy(),
                            "sumsq": (rows_.double() ** 2).sum(1).cpu().numpy(), "sum": rows_.double().cpu().numpy(),
@@ -641,7 +649,8 @@ def write_document(claims: list[Claim], run: RunData, times: dict, command: str,
                 lines += ["", f"![{caption}]({fig_dir.name}/{name})", f"*{caption}*"]
     lines += ["", "## How it was run", "", "```bash", command, "```", "", "| stage | wall time | |", "|---|---|---|"]
     for stage, t in times.items():
-        lines.append(f"| {stage} | {t['seconds']:.1f} s | {'reused: the time of the run that wrote it' if t['reused'] else 'this run'} |")
+        how = "reused: the time of the run that wrote it" if t["reused"] else "this run"
+        lines.append(f"| {stage} | {t['seconds']:.1f} s | {how} |")
     lines += ["", "| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in machine().items()]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
