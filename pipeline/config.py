@@ -278,6 +278,9 @@ class TrainConfig:
     """Bootstrap resamples (of held-out sequences) behind every 95% interval in eval.json / summary.json."""
     ce_every: int = 0
     """Also log held-out CE added every this many steps, a multiple of ``log_every`` (0 = only at the end)."""
+    ce_every_seqs: int = 32
+    """Sequences of those periodic CE logs: the first of the ``ce_eval_seqs`` (0 = all of them). A spliced
+    forward per SAE and sequence is the run's most expensive evaluation; the final one uses all."""
     ce_autocast: str = "auto"
     """Mixed precision of the LM's forward passes in the CE evaluation (the SAE reconstruction stays float32):
     "none", "bf16", "fp16" or "auto" (as ``autocast``). On the demo's CPU bf16 ran the SmolLM2 forward 3.8x
@@ -324,7 +327,7 @@ class TrainConfig:
         if not 0 <= self.lr_final_frac <= 1:
             raise ConfigError(f"train.lr_final_frac={self.lr_final_frac} must be in [0, 1]")
         for key in ("warmup_steps", "sparsity_warmup_steps", "checkpoint_every", "ce_eval_seqs", "ce_every",
-                    "workers"):
+                    "ce_every_seqs", "workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0")
         if self.ce_every and self.ce_every % self.log_every:

@@ -45,7 +45,7 @@ THRESHOLD_TRAVEL = 10.0
 """JumpReLU's default log-θ learning rate is max(lr, THRESHOLD_TRAVEL / training steps) (config.SAEConfig.threshold_lr)."""
 CHECKPOINT = "checkpoint"
 RUN_KEYS_IGNORED_FOR_RESUME = ("resume", "checkpoint_every", "device", "workers", "scheduler", "log_every",
-                               "ce_every", "ce_eval_seqs", "ce_autocast", "compile", "eval_tokens",
+                               "ce_every", "ce_every_seqs", "ce_eval_seqs", "ce_autocast", "compile", "eval_tokens",
                                "bootstrap_samples", "wandb", "wandb_project")
 """[train] keys that may change between an interrupted run and its resumption."""
 
@@ -345,12 +345,14 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
                 if log:
                     check_finite(trainer, k, step_metrics)
                     held = trainer.evaluate(xh[:LOG_HELDOUT_TOKENS], th[:LOG_HELDOUT_TOKENS])
-                    ce_now = ce.run(trainer) if ce and t.ce_every and (k % t.ce_every == 0 or k == total_steps) else {}
+                    ce_now = (ce.run(trainer, n_seq=t.ce_every_seqs)
+                              if ce and t.ce_every and (k % t.ce_every == 0 or k == total_steps) else {})
                     for n, m in step_metrics.items():
                         row = {"step": k, "tokens": trainer.tokens_seen, **m, "heldout_nmse": held[n]["nmse"],
                                "heldout_l0": held[n]["l0"]}
                         if n in ce_now:
                             row["heldout_ce_added"] = ce_now[n]["ce_added"]
+                            row["heldout_ce_seqs"] = ce_now["_n_seq"]
                         logs[n].append(row)
                     if tracker is not None:
                         tracker.log(k, {n: logs[n][-1] for n in step_metrics})
@@ -553,19 +555,21 @@ class CEEvaluator:
         self.lm = load_cache_model(cache, device)
         self.device = torch.device(device)
         self.autocast = resolve_autocast(cfg.train.ce_autocast, self.device)
-        self.baseline: list | None = None  # clean activations and clean / zero-ablated CE: computed once
-        self.last: tuple[int, dict] | None = None  # (step, result) of the latest run
+        self.baseline: dict[int, list] = {}  # per sequence count: clean activations, clean / zero-ablated CE
+        self.last: dict[int, tuple[int, dict]] = {}  # per sequence count: (step, result) of the latest run
 
-    def run(self, trainer: MultiTrainer, progress: bool = False) -> dict:
-        """:meth:`evaluate`, reusing the result when the trainer has not stepped since."""
-        if self.last is None or self.last[0] != trainer.step_count:
-            self.last = (trainer.step_count, self.evaluate(trainer, progress))
-        return self.last[1]
+    def run(self, trainer: MultiTrainer, progress: bool = False, n_seq: int = 0) -> dict:
+        """:meth:`evaluate` on the first ``n_seq`` CE sequences (0: all), reusing the result when the trainer
+        has not stepped since."""
+        n = min(n_seq or len(self.tokens), len(self.tokens))
+        if n not in self.last or self.last[n][0] != trainer.step_count:
+            self.last[n] = (trainer.step_count, self.evaluate(trainer, progress, n))
+        return self.last[n][1]
 
-    def evaluate(self, trainer: MultiTrainer, progress: bool = False) -> dict:
-        """{name: {ce_spliced, ce_added, ce_recovered}, "_clean", "_zero", "_n_seq", "_per_seq"} on the held-out
-        tokens (``_per_seq``: :func:`pipeline.evaluation.ce_losses`' per-sequence sums); ``progress``: a
-        tqdm bar over the CE batches."""
+    def evaluate(self, trainer: MultiTrainer, progress: bool = False, n_seq: int = 0) -> dict:
+        """{name: {ce_spliced, ce_added, ce_recovered}, "_clean", "_zero", "_n_seq", "_per_seq"} on the first
+        ``n_seq`` (0: all) held-out CE sequences (``_per_seq``: :func:`pipeline.evaluation.ce_losses`'
+        per-sequence sums); ``progress``: a tqdm bar over the CE batches."""
         from pipeline.evaluation import ce_losses
 
         def recon(sae: SAE):
@@ -580,9 +584,10 @@ class CEEvaluator:
         for m in trainer.members:
             m.sae.eval()
         with autocast_context(self.device, self.autocast):
-            res = ce_losses(self.lm, self.tokens, self.hook, {m.name: recon(m.sae) for m in trainer.members},
-                            exclude_bos=self.exclude_bos, progress=progress, baseline=self.baseline)
-        self.baseline = res["baseline"]
+            n = min(n_seq or len(self.tokens), len(self.tokens))
+            res = ce_losses(self.lm, self.tokens[:n], self.hook, {m.name: recon(m.sae) for m in trainer.members},
+                            exclude_bos=self.exclude_bos, progress=progress, baseline=self.baseline.get(n))
+        self.baseline[n] = res["baseline"]
         return {**res["per_sae"], "_clean": res["ce_clean"], "_zero": res["ce_zero_ablated"], "_n_seq": res["n_seq"],
                 "_per_seq": res["per_seq"]}
 

@@ -160,7 +160,7 @@ def test_dask_groups_equal_a_single_process_run(tiny_cache, tmp_path):
 def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
     cfg, _ = tiny_cache
     c = _small(tmp_path, cfg, "train.ce_eval_seqs=4", "train.ce_every=10", "train.log_every=5",
-               "train.n_epochs=1")
+               "train.n_epochs=1", "train.ce_every_seqs=2")
     summary = train.run(c)
     for r in summary["results"]:
         assert r["ce_added"] == r["ce_spliced"] - r["ce_clean"]
@@ -169,6 +169,8 @@ def test_final_eval_reports_ce_added_and_histograms(tiny_cache, tmp_path):
         assert 0 <= r["dense_frac_heldout"] <= 1
         log = [json.loads(x) for x in open(tmp_path / "saes" / r["name"] / "metrics.jsonl")]
         assert any("heldout_ce_added" in row for row in log)
+        # periodic CE logs use the first ce_every_seqs sequences; the final evaluation all ce_eval_seqs
+        assert {row["heldout_ce_seqs"] for row in log if "heldout_ce_added" in row} == {2}
         for k in ("nmse", "l0", "ce_added", "ce_recovered"):  # every headline number carries its 95% interval
             lo, hi = r[f"{k}_ci95"]
             assert lo <= hi and lo - 0.05 * abs(r[k]) <= r[k] <= hi + 0.05 * abs(r[k])
