@@ -1005,9 +1005,12 @@ def _h_matching(ctx, d):
     sp = d.get("seed_pairs") or {}
     if not sp:
         return ""
+    known = [v for v in sp.values() if v.get("mmcs_ab_at_init") is not None]  # init seeds recorded
+    init = (f"; at initialisation {_median([v['ratio_ab_at_init'] for v in known]):.1%}, MMCS "
+            f"{_median([v['mmcs_ab_at_init'] for v in known]):.3f}" if known else "")
     return (f"SAEs differing only in seed share {_median([v['ratio_ab'] for v in sp.values()]):.1%} of decoder "
             f"latents (median over {len(sp)} pair{'s' if len(sp) > 1 else ''}, MMCS "
-            f"{_median([v['mmcs_ab'] for v in sp.values()]):.3f}).")
+            f"{_median([v['mmcs_ab'] for v in sp.values()]):.3f}{init}).")
 
 
 def _h_positions(ctx, d):
