@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import click
@@ -133,9 +133,13 @@ PLAIN_TWIN = "plain-twin"
 """``init_like`` value: start like the plain SAE of the run whose other fields are all equal."""
 
 
-def _twin_key(s: SAEConfig) -> str:
-    """What a plain twin must share with ``s``: every field but name, init_like and the lookup's own."""
-    return repr(replace(s, name="", init_like="", tokenized=False).canonical())
+def twin_key(spec: Spec) -> str:
+    """What a plain SAE and its tokenized twin share: every setting but ``tokenized``, the lookup's own fields
+    (alpha, lookup_rows, lookup_lr_scale), the name and any init pairing."""
+    c = spec.cfg
+    d = asdict(dataclasses.replace(c, tokenized=False, name="").canonical())
+    d.pop("init_like", None)
+    return json.dumps({"cfg": d, "seed": spec.seed, "lr": spec.lr, "d_sae": spec.params.d_sae}, sort_keys=True)
 
 
 def resolve_init(specs: list[Spec]) -> None:
@@ -155,7 +159,7 @@ def resolve_init(specs: list[Spec]) -> None:
         if ref == PLAIN_TWIN:
             if not s.params.tokenized:
                 continue  # the plain point of a grid with init_like = "plain-twin": it is the twin
-            twins = [o.name for o in specs if not o.params.tokenized and _twin_key(o.cfg) == _twin_key(s.cfg)]
+            twins = [o.name for o in specs if not o.params.tokenized and twin_key(o) == twin_key(s)]
             if not twins:
                 raise ConfigError(f"{s.name}: init_like = \"plain-twin\" but the run has no plain SAE with otherwise "
                                   "equal fields; add one (e.g. tokenized = [false, true] in the same table) or "
@@ -494,15 +498,6 @@ def load_per_seq(paths: dict[str, Path]) -> tuple[dict, dict]:
                                        "spliced": {}})["spliced"][name] = a["ce_spliced"]
             ce["_n_seq"] = len(a["ce_spliced"])
     return final, ce
-
-
-def twin_key(spec: Spec) -> str:
-    """What a plain SAE and its tokenized twin share: every setting but ``tokenized``, the lookup's own fields
-    (alpha, lookup_rows, lookup_lr_scale), the name and any init pairing."""
-    c = spec.cfg
-    d = asdict(dataclasses.replace(c, tokenized=False, name="").canonical())
-    d.pop("init_like", None)
-    return json.dumps({"cfg": d, "seed": spec.seed, "lr": spec.lr, "d_sae": spec.params.d_sae}, sort_keys=True)
 
 
 def paired_twins(specs: list[Spec], final: dict, ce: dict, n_boot: int, seed: int) -> list[dict]:
