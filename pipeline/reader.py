@@ -20,9 +20,6 @@ machine they would stall the training step and the decompression threads alike.
 
 from __future__ import annotations
 
-import contextlib
-import queue as queue_mod
-import threading
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +29,7 @@ import numpy as np
 import torch
 from zarr.core.buffer import default_buffer_prototype
 
+from pipeline.background import iterate_ahead
 from pipeline.cache import Cache, CacheError, to_torch
 
 
@@ -261,58 +259,32 @@ class ActivationReader:
 
 
 def _ahead(batches: Iterator[Batch], depth: int, device: torch.device | None) -> Iterator[Batch]:
-    """``batches``, made up to ``depth`` ahead on a background thread. With a CUDA ``device`` the thread issues
-    its copies and conversions on a side stream and each batch carries an event that the consumer's current
-    stream waits on (and the batch's tensors are recorded on that stream for the caching allocator), so the
-    copy of batch i+1 overlaps the step on batch i. Errors are re-raised in the consumer; closing the
-    generator stops the thread."""
-    q: queue_mod.Queue = queue_mod.Queue(maxsize=depth)
-    stop = threading.Event()
-    stream = torch.cuda.Stream(device) if device is not None else None
+    """``batches``, made up to ``depth`` ahead on a background thread (:func:`pipeline.background.iterate_ahead`).
+    With a CUDA ``device`` the thread issues its copies and conversions on a side stream and each batch carries
+    an event that the consumer's current stream waits on (and the batch's tensors are recorded on that stream
+    for the caching allocator), so the copy of batch i+1 overlaps the step on batch i. Errors are re-raised in
+    the consumer; closing the generator stops the thread."""
+    if device is None:
+        yield from iterate_ahead(batches, depth, "tsae-reader-batches")
+        return
+    stream = torch.cuda.Stream(device)
 
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue_mod.Full:
-                continue
-        return False
-
-    def produce() -> None:
+    def on_stream() -> Iterator[tuple[Batch, torch.cuda.Event]]:
         try:
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            with torch.cuda.stream(stream):  # entered on the background thread, which makes every batch
                 for b in batches:
-                    ev = None
-                    if stream is not None:
-                        ev = torch.cuda.Event()
-                        ev.record(stream)
-                    if not put(("batch", b, ev)):
-                        return
-            put(("end", None, None))
-        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
-            put(("error", e, None))
+                    ev = torch.cuda.Event()
+                    ev.record(stream)
+                    yield b, ev
         finally:
             batches.close()
 
-    th = threading.Thread(target=produce, name="tsae-reader-batches", daemon=True)
-    th.start()
-    try:
-        while True:
-            kind, b, ev = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise b
-            if ev is not None:
-                cur = torch.cuda.current_stream(device)
-                cur.wait_event(ev)
-                b.acts.record_stream(cur)
-                b.tokens.record_stream(cur)
-            yield b
-    finally:
-        stop.set()
-        th.join()
+    for b, ev in iterate_ahead(on_stream(), depth, "tsae-reader-batches"):
+        cur = torch.cuda.current_stream(device)
+        cur.wait_event(ev)
+        b.acts.record_stream(cur)
+        b.tokens.record_stream(cur)
+        yield b
 
 
 def _pop(queue: deque[np.ndarray], n: int) -> np.ndarray:

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pipeline import __version__
+from pipeline.background import iterate_ahead
 from pipeline.cache import (FORMAT_VERSION, CacheError, CacheWriter, auto_seq_chunk, cache_path, check_destination,
                             fingerprint, reusable)
 from pipeline.config import Config, ConfigError
@@ -60,47 +61,6 @@ def _to_device(tokens: np.ndarray, device: torch.device) -> torch.Tensor:
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
-
-def _ahead(items, depth: int):
-    """Iterate ``items`` with up to ``depth`` made ahead on a background thread (errors re-raised here; the
-    thread stops when the consumer stops)."""
-    import queue
-    import threading
-
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(x) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(x, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce() -> None:
-        try:
-            for x in items:
-                if not put(("item", x)):
-                    return
-            put(("end", None))
-        except BaseException as e:  # noqa: BLE001  (handed to the consumer)
-            put(("error", e))
-
-    th = threading.Thread(target=produce, name="tsae-harvest-tokens", daemon=True)
-    th.start()
-    try:
-        while True:
-            kind, x = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise x
-            yield x
-    finally:
-        stop.set()
-        th.join()
 
 
 @contextlib.contextmanager
@@ -215,7 +175,8 @@ def run(cfg: Config) -> dict:
             else:
                 unigram = None
                 batches = chunk_batches(windows, start, target, writer.seq_chunk, h.batch_size)
-                for row, tokens in _ahead(batches, depth=4):  # tokenized on a thread while the model runs
+                # tokenized on a thread while the model runs
+                for row, tokens in iterate_ahead(batches, 4, "tsae-harvest-tokens"):
                     writer.append(tokens, run_hooks(lm, _to_device(tokens, lm.device), hooks))
                     bar.update(len(tokens))
         exhausted = writer.remaining() > 0
