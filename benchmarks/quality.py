@@ -35,11 +35,7 @@ the relative gain 1 - NMSE(A)/NMSE(B) with a *paired* interval (the same resampl
 from __future__ import annotations
 
 import argparse
-import math
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,6 +46,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline import metrics as M  # noqa: E402
 from pipeline.cache import Cache  # noqa: E402
 from pipeline.config import SAEConfig, TrainConfig  # noqa: E402
 from pipeline.reader import ActivationReader, load_tokens, split_chunks  # noqa: E402
@@ -189,15 +186,6 @@ class OurSpec:
         return spec
 
 
-def bootstrap(sse: np.ndarray, sx: np.ndarray, sxx: np.ndarray, n: np.ndarray, idx: np.ndarray) -> np.ndarray:
-    """NMSE per bootstrap resample of sequences: sse [S] per sequence; sx [S, d], sxx [S], n [S] its sums of x,
-    ‖x‖² and token counts; idx [B, S] resampled sequence indices. Σ‖x - μ‖² = Σ‖x‖² - N‖μ‖² per resample."""
-    N = n[idx].sum(1)
-    mu = sx[idx].sum(1) / N[:, None]
-    var = sxx[idx].sum(1) - N * (mu ** 2).sum(1)
-    return sse[idx].sum(1) / var
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -322,16 +310,17 @@ def main() -> None:
                                  "clip": 1.0, "b_dec": "geometric_median (batch 0)", "tokenized": False}
 
     rng = np.random.default_rng(0)
-    idx = rng.integers(0, S, size=(args.boot, S))
-    full = np.arange(S)[None]
+    idx = rng.integers(0, S, size=(args.boot, S))  # resampled sequence indices, as resample weights below
+    weights = np.stack([np.bincount(i, minlength=S) for i in idx]).astype(np.float64)
     print(f"\nheld-out NMSE, 95% bootstrap interval over {S} held-out sequences ({args.boot} resamples)\n")
-    print(f"| SAE | tokenized | schedule | warm-up | clip | b_dec init | lr | L0 | NMSE | 95% CI |")
+    print("| SAE | tokenized | schedule | warm-up | clip | b_dec init | lr | L0 | NMSE | 95% CI |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     boots = {}
     for name, r in rows.items():
         sse = np.bincount(seq, weights=r["err"], minlength=S)
-        point = float(bootstrap(sse, sx, sxx, n, full)[0])
-        b = bootstrap(sse, sx, sxx, n, idx)
+        per_seq = {"sse": sse, "sum": sx, "sumsq": sxx, "n": n}  # pipeline.metrics.nmse_from_sums' sums
+        point = float(M.nmse_from_sums(M.resample(per_seq))[0])
+        b = M.nmse_from_sums(M.resample(per_seq, weights))
         boots[name] = (sse, point, b)
         lo, hi = np.percentile(b, [2.5, 97.5])
         print(f"| {name} | {'yes' if r['tokenized'] else 'no'} | {r['schedule']} | {r['warmup']} | {r['clip']:g} | "
