@@ -387,6 +387,33 @@ def unigram_activations(lm: LM, hooks: list[str], batch_size: int = 1024, progre
     return out
 
 
+def ngram_activations(lm: LM, hooks: list[str], grams: torch.Tensor, batch_size: int = 1024, progress: bool = True
+                      ) -> dict[str, torch.Tensor]:
+    """Activation at the last position of ``[BOS, *gram]`` for each n-gram: the n-gram lookup's initialisation
+    (the unigram init of Dooms & Wilhelm 2025, Sec. 4.1, on ``[BOS, t₋₁, t]`` / ``[BOS, t₋₂, t₋₁, t]``).
+
+    grams: int64 [N, n] token ids, oldest first (:func:`pipeline.ngram.split_keys`). Returns
+    {hook: float32 [N, d_model]} on the CPU. Raises ValueError on a token id outside the vocabulary.
+    """
+    from tqdm.auto import tqdm
+
+    grams = torch.as_tensor(grams, dtype=torch.int64)
+    if grams.dim() != 2 or grams.shape[1] < 1:
+        raise ValueError(f"grams must be [N, n] token ids, got shape {tuple(grams.shape)}")
+    if grams.numel() and (int(grams.min()) < 0 or int(grams.max()) >= lm.d_vocab):
+        raise ValueError(f"n-gram token ids must be in [0, d_vocab={lm.d_vocab})")
+    dev = lm.device
+    out = {h: torch.empty(len(grams), lm.d_model, dtype=torch.float32) for h in hooks}
+    starts = range(0, len(grams), batch_size)
+    for s in tqdm(starts, desc=f"{grams.shape[1]}-gram [BOS, ...]", unit="batch", disable=not progress, leave=False):
+        g = grams[s:s + batch_size].to(dev)
+        tokens = torch.cat([torch.full((len(g), 1), lm.bos_token_id, dtype=torch.int64, device=dev), g], dim=1)
+        acts = run_hooks(lm, tokens, hooks)
+        for h in hooks:
+            out[h][s:s + len(g)] = acts[h][:, -1].float().cpu()
+    return out
+
+
 def load_tokenizer(name: str):
     """The tokenizer of model ``name`` alone (no weights loaded). Raises ModelLoadError like load_model."""
     from transformers import AutoTokenizer

@@ -5,6 +5,7 @@ come from pre-activations) and, if it has any, :meth:`SAE.aux_terms` (its sparsi
 losses). Decoding is written once, for every architecture:
 
     x̂ = f · W_dec + b_dec + W_lookup[token]        (Dooms & Wilhelm 2025, Eq. 5; lookup only if tokenized)
+       (+ W_lookup_2[(t₋₁, t)] + W_lookup_3[(t₋₂, t₋₁, t)] with ``lookup_ngram`` 2 / 3: pipeline/ngram.py)
 
 so "tokenized" is one option orthogonal to the architecture (paper Sec. 4: σ may be ReLU, TopK,
 gated, JumpReLU or BatchTopK).
@@ -23,6 +24,14 @@ compact head of the table rather than rows scattered over it (random rows are sl
 page walks; in one profile of 4 tokenized BatchTopK SAEs the lookup's gathers took 3.0 ms a step with
 token-ordered rows, 1.2 ms with frequency-ordered ones). :meth:`SAE.lookup_table` gives the table in
 token order.
+
+The n-gram lookup (``lookup_ngram`` 2 or 3) adds tables W_lookup_2 [lookup_rows_2 + 1, d_model] and W_lookup_3
+[lookup_rows_3 + 1, d_model] for the most frequent bigrams / trigrams of the training split (rows by descending
+frequency, the last row a fixed zero fallback for the n-grams without a row), indexed through the buffers
+``ngram_keys_<n>`` int64 [rows] (the n-gram keys of :func:`pipeline.ngram.ngram_keys`, ascending) and
+``ngram_rows_<n>`` int64 [rows] (the row of each key). Such an SAE takes a token *context* int64 [batch, c]
+(columns t₋₂, t₋₁, t with −1 for "none", :func:`pipeline.ngram.context`) where a unigram SAE takes ids [batch];
+every SAE accepts a context (a unigram lookup reads its last column).
 """
 
 from __future__ import annotations
@@ -63,6 +72,15 @@ class SAEParams:
     lookup_rows: int = 0
     """Tokenized only: 0 = a lookup row for every token; N > 0 = rows for the N most frequent tokens of
     the cache only, the others fall back to b_dec alone (bounds memory, paper Sec. 4.2)."""
+    lookup_ngram: int = 1
+    """Tokenized only: highest n-gram order of the lookup (1 = unigram table alone, the paper; 2 adds a bigram
+    table W_lookup_2 of ``lookup_rows_2`` rows, 3 also a trigram table W_lookup_3 of ``lookup_rows_3`` rows)."""
+    lookup_rows_2: int = 0
+    """Rows of the bigram table: the most frequent (t₋₁, t) of the training split (required with lookup_ngram >= 2)."""
+    lookup_rows_3: int = 0
+    """Rows of the trigram table: the most frequent (t₋₂, t₋₁, t) (required with lookup_ngram = 3)."""
+    bos_token_id: int = -1
+    """The model's BOS id (−1: none): no n-gram of the lookup reaches across it (pipeline/ngram.py)."""
     sparsity_coeff: float = -1.0
     """λ of the sparsity penalty: L1 for relu / gated, L0 for jumprelu. Negative: the architecture's default."""
     aux_k: int = 512
@@ -563,6 +581,14 @@ class _Lookup(torch.autograd.Function):
         return torch.sparse_coo_tensor(uniq[None], grad, ctx.shape, is_coalesced=True, check_invariants=False), None, None
 
 
+def _lookup_rows(W: Tensor, rows: Tensor, pad: int | None) -> Tensor:
+    """W[rows] [batch, d_model] with a sparse gradient (:class:`_Lookup` while training, else
+    ``F.embedding``); ``pad``: the fixed zero fallback row (no gradient), or None."""
+    if torch.is_grad_enabled() and W.requires_grad and rows.dim() == 1:
+        return _Lookup.apply(W, rows, pad)
+    return F.embedding(rows, W, padding_idx=pad, sparse=True)
+
+
 class SAE(nn.Module):
     """Base sparse autoencoder with an optional per-token lookup (tokenized SAE).
 
@@ -604,6 +630,22 @@ class SAE(nn.Module):
             index = torch.full((params.d_vocab,), n, dtype=torch.long)  # truncated: the others → fallback row n
             index[: n or params.d_vocab] = torch.arange(n or params.d_vocab)
         self.register_buffer("lookup_index", index)  # int64 [d_vocab] token → row of W_lookup; None if plain
+        if params.lookup_ngram != 1 and not params.tokenized:
+            raise ValueError(f"lookup_ngram={params.lookup_ngram} needs a tokenized SAE")
+        if params.lookup_ngram not in (1, 2, 3):
+            raise ValueError(f"lookup_ngram={params.lookup_ngram} must be 1, 2 or 3")
+        for n in (2, 3):
+            rows = self.ngram_rows_count(n)
+            if params.tokenized and n <= params.lookup_ngram:
+                if rows <= 0:
+                    raise ValueError(f"lookup_ngram={params.lookup_ngram} needs lookup_rows_{n} > 0 "
+                                     f"(rows for the most frequent {n}-grams), got {rows}")
+                setattr(self, f"W_lookup_{n}", nn.Parameter(torch.zeros(rows + 1, d)))
+                # keys no real n-gram has (real keys < d_vocab**3 < 2**62) until init_from_data sets them
+                self.register_buffer(f"ngram_keys_{n}", torch.arange(rows, dtype=torch.long) + (1 << 62))
+                self.register_buffer(f"ngram_rows_{n}", torch.arange(rows, dtype=torch.long))
+            else:
+                setattr(self, f"W_lookup_{n}", None)
         self.register_buffer("tokens_since_fired", torch.zeros(m, dtype=torch.long))
         self.sparsity_scale = 1.0
         """Multiplies the sparsity penalty; the trainer ramps it from 0 to 1 (sparsity warm-up)."""
@@ -625,16 +667,26 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor, tokens: Tensor, unigram: Tensor | None = None, alpha: float = 0.5,
-                       token_counts: Tensor | None = None, b_dec_init: str = "mean") -> None:
-        """Data-dependent init on a sample x [n, d_model] with its tokens [n].
+                       token_counts: Tensor | None = None, b_dec_init: str = "mean",
+                       ngram_acts: dict[int, tuple[Tensor, Tensor]] | None = None) -> None:
+        """Data-dependent init on a sample x [n, d_model] with its tokens [n] (a context [n, c] for an n-gram
+        lookup, :func:`pipeline.ngram.context`).
 
         Tokenized (paper Sec. 4.1): W_lookup = alpha * unigram [d_vocab, d_model] (truncated table: the
         ``lookup_rows`` most frequent tokens by ``token_counts`` [d_vocab], which is then required), rows
         ordered by descending ``token_counts`` when given (token order otherwise; see the module docstring);
         the SAE path is scaled by (1 - alpha) through the encoder (authors' smol-sae). Then b_dec is
         the mean (or, with ``b_dec_init="geometric_median"``, the geometric median, Weiszfeld's
-        algorithm) of x - W_lookup[tokens], the part the lookup leaves unexplained (plain: of x).
-        Raises ValueError on a missing or mis-shaped unigram table / token counts.
+        algorithm) of x - lookup(tokens), the part the lookup leaves unexplained (plain: of x).
+
+        N-gram lookup (``lookup_ngram`` >= 2; the Tokenized-SAE init carried to n-grams): ``ngram_acts[n]`` =
+        (keys int64 [m], acts float [m, d_model]) for n = 2 (and 3): the keys (:func:`pipeline.ngram.ngram_keys`) of
+        the training split's most frequent n-grams in descending frequency (the first ``lookup_rows_<n>`` are
+        used) and the model's activation at the last position of ``[BOS, t₋₁, t]`` (``[BOS, t₋₂, t₋₁, t]``), in
+        the same units as x. Each row is alpha × that activation minus the lower-order rows the same position
+        gets, W_2[(a, b)] = α·act[BOS, a, b] − W_1[b] and W_3[(a, b, c)] = α·act[BOS, a, b, c] − W_1[c] − W_2[(b, c)],
+        so the lookup of a tabled n-gram starts at α × its activation. Raises ValueError on missing or
+        mis-shaped tables.
         """
         lookup = 0.0
         if self.W_lookup is not None:
@@ -659,6 +711,7 @@ class SAE(nn.Module):
             self.lookup_index[top] = torch.arange(len(top), device=top.device)
             self.W_lookup.zero_()
             self.W_lookup[: len(top)] = alpha * unigram[top]
+            self._init_ngram_tables(ngram_acts or {}, alpha)
             self.W_enc.mul_(1.0 - alpha)
             lookup = self.lookup(tokens).detach()
         r = x.float() - lookup
@@ -669,6 +722,49 @@ class SAE(nn.Module):
         else:
             raise ValueError(f"b_dec_init={b_dec_init!r}: use 'mean' or 'geometric_median'")
         self.b_dec.copy_(centre)
+
+    @torch.no_grad()
+    def _init_ngram_tables(self, ngram_acts: dict[int, tuple[Tensor, Tensor]], alpha: float) -> None:
+        """The n-gram rows of :meth:`init_from_data` (its docstring gives the formula)."""
+        from pipeline.ngram import split_keys
+
+        for n in self.ngram_tables():
+            if n not in ngram_acts:
+                raise ValueError(f"a {n}-gram lookup needs ngram_acts[{n}] = (keys, activations) to initialise")
+            keys, acts = ngram_acts[n]
+            rows = self.ngram_rows_count(n)
+            keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1)[:rows]
+            acts = torch.as_tensor(acts)[:rows]
+            if acts.dim() != 2 or acts.shape != (len(keys), self.params.d_model):
+                raise ValueError(f"{n}-gram activations have shape {tuple(acts.shape)}, expected "
+                                 f"({len(keys)}, d_model={self.params.d_model})")
+            if len(torch.unique(keys)) != len(keys) or bool((keys < 0).any()):
+                raise ValueError(f"{n}-gram keys must be distinct and >= 0")
+            m, dev = len(keys), self.W_lookup.device
+            W = getattr(self, f"W_lookup_{n}")
+            skeys = torch.arange(rows, dtype=torch.long) + (1 << 62)
+            sorted_keys, perm = torch.sort(keys)
+            skeys[:m] = sorted_keys
+            srows = torch.arange(rows, dtype=torch.long)
+            srows[:m] = perm
+            if m < rows:  # fewer distinct n-grams than rows: the unused rows keep keys no n-gram has
+                srows[m:] = torch.arange(m, rows)
+            getattr(self, f"ngram_keys_{n}").copy_(skeys)
+            getattr(self, f"ngram_rows_{n}").copy_(srows)
+            W.zero_()
+            ctx = split_keys(keys, n, self.params.d_vocab).to(dev)  # [m, n], each n-gram as its own context
+            lower = self.lookup_orders(ctx, n - 1) if m else 0.0
+            W[:m] = alpha * acts.to(W) - lower
+
+    def lookup_orders(self, tokens: Tensor, up_to: int) -> Tensor:
+        """The lookup summed over orders 1..``up_to`` only: [batch, d_model] for a context [batch, c >= up_to]."""
+        cur = tokens if tokens.dim() == 1 else tokens[:, -1]
+        out = _lookup_rows(self.W_lookup, self.lookup_index.index_select(0, cur), self.params.lookup_rows or None)
+        for n in self.ngram_tables():
+            if n <= up_to:
+                out = out + _lookup_rows(getattr(self, f"W_lookup_{n}"), self.ngram_rows(tokens, n),
+                                         self.ngram_rows_count(n))
+        return out
 
     # -- forward ------------------------------------------------------------------------------
     def pre_acts(self, x: Tensor, _reuse: bool = False) -> Tensor:
@@ -694,21 +790,57 @@ class SAE(nn.Module):
         z = self.activate(self.pre_acts(x))
         return z.dense(self.params.d_sae) if isinstance(z, SparseCode) else z
 
-    def lookup(self, tokens: Tensor | None) -> Tensor | float:
-        """W_lookup[row(tokens)] [batch, d_model], or 0 for a plain SAE.
+    def ngram_rows_count(self, n: int) -> int:
+        """Rows of the order-n table (n = 2, 3) as configured: ``lookup_rows_<n>``."""
+        return int(getattr(self.params, f"lookup_rows_{n}"))
 
-        The gradient is sparse (only the rows of this batch's tokens get one; lazy Adam, training.py);
-        a truncated table's fallback row is ``padding_idx`` and never changes.
+    def ngram_tables(self) -> list[int]:
+        """The higher n-gram orders this SAE's lookup has: [] (plain or unigram), [2] or [2, 3]."""
+        return [n for n in (2, 3) if getattr(self, f"W_lookup_{n}", None) is not None]
+
+    def lookup(self, tokens: Tensor | None) -> Tensor | float:
+        """W_lookup[row(t)] (+ W_lookup_2[row(t₋₁, t)] + W_lookup_3[row(t₋₂, t₋₁, t)]): [batch, d_model], or 0 for
+        a plain SAE.
+
+        tokens: int64 ids [batch], or a context [batch, c] (:func:`pipeline.ngram.context`; the unigram table reads
+        its last column). An n-gram lookup needs a context with c >= lookup_ngram and raises ValueError on ids
+        alone. The gradient is sparse (only the rows of this batch's n-grams get one; lazy Adam, training.py);
+        each table's fallback row is ``padding_idx`` and never changes.
         """
         if self.W_lookup is None:
             return 0.0
         if tokens is None:
             raise ValueError("a tokenized SAE needs the token ids to decode")
-        rows = self.lookup_index.index_select(0, tokens.reshape(-1)).view(tokens.shape)
-        pad = self.params.lookup_rows or None
-        if torch.is_grad_enabled() and self.W_lookup.requires_grad and rows.dim() == 1:
-            return _Lookup.apply(self.W_lookup, rows, pad)
-        return F.embedding(rows, self.W_lookup, padding_idx=pad, sparse=True)
+        if tokens.dim() not in (1, 2):
+            raise ValueError(f"tokens must be ids [batch] or a context [batch, c], got shape {tuple(tokens.shape)}")
+        return self.lookup_orders(tokens, 3)
+
+    def ngram_rows(self, tokens: Tensor, n: int) -> Tensor:
+        """Row of W_lookup_<n> for each position's n-gram: int64 [batch] (``lookup_rows_<n>`` = no row) for a
+        context [batch, c >= n]. Raises ValueError on ids alone or a too short context."""
+        if tokens.dim() != 2 or tokens.shape[1] < n:
+            raise ValueError(f"this SAE has a {n}-gram lookup (lookup_ngram={self.params.lookup_ngram}): pass each "
+                             f"token's context [batch, >= {n}] (pipeline.ngram.context), not token ids "
+                             f"of shape {tuple(tokens.shape)}")
+        from pipeline.ngram import ngram_keys, rows_of
+
+        keys = ngram_keys(tokens, n, self.params.d_vocab)
+        return rows_of(keys, getattr(self, f"ngram_keys_{n}"), getattr(self, f"ngram_rows_{n}"), self.ngram_rows_count(n))
+
+    def ngram_table(self, n: int) -> tuple[Tensor, Tensor]:
+        """The order-n table in row order (descending training frequency): (n-grams int64 [rows, n], oldest
+        token first, rows never set by an init left out; W float [rows, d_model]). Raises ValueError when the SAE
+        has no such table."""
+        if n not in self.ngram_tables():
+            raise ValueError(f"this SAE has no {n}-gram table (lookup_ngram={self.params.lookup_ngram})")
+        from pipeline.ngram import split_keys
+
+        keys, rows = getattr(self, f"ngram_keys_{n}"), getattr(self, f"ngram_rows_{n}")
+        real = keys < (1 << 62)
+        by_row = torch.empty_like(keys)
+        by_row[rows] = keys
+        m = int(real.sum())
+        return split_keys(by_row[:m].cpu(), n, self.params.d_vocab), getattr(self, f"W_lookup_{n}").detach()[:m]
 
     def lookup_table(self) -> Tensor | None:
         """The per-token bias of every token: [d_vocab, d_model] (zeros for tokens without a row), or None."""
@@ -742,7 +874,10 @@ class SAE(nn.Module):
         """x̂ = decode(encode(x), tokens) with inference semantics, for x [..., d_model] (any leading dims).
 
         tokens: int64 token ids of the same leading shape as x (required when tokenized; ignored by a
-        plain SAE). Returns x̂ in x's shape and the SAE's dtype, computed without gradient bookkeeping
+        plain SAE), or a context of shape ``lead + (c,)`` (:func:`pipeline.ngram.context`). An n-gram lookup
+        given ids of two or more leading dims reads the last one as sequences (position 0 a sequence start,
+        ``params.bos_token_id`` a BOS) to build each token's context; given ids of one dim it raises ValueError
+        (a flat batch does not say which token precedes which). Returns x̂ in x's shape and the SAE's dtype, computed without gradient bookkeeping
         (wrap the call in ``torch.no_grad()`` for inference). Unlike ``sae(x, tokens)`` (a :class:`ForwardOutput` with the
         training loss, and BatchTopK's batch-level selection while ``training``), this is what an
         evaluation splices into the model. Raises ValueError on a last dim != d_model or missing tokens.
@@ -753,9 +888,20 @@ class SAE(nn.Module):
         flat = x.reshape(-1, x.shape[-1])
         t = None
         if tokens is not None:
-            if tuple(tokens.shape) != tuple(lead):
-                raise ValueError(f"tokens shape {tuple(tokens.shape)} != x's leading shape {tuple(lead)}")
-            t = tokens.reshape(-1)
+            if tuple(tokens.shape) == tuple(lead):
+                n = self.params.lookup_ngram
+                if n > 1 and len(lead) >= 2:
+                    from pipeline.ngram import context
+
+                    bos = self.params.bos_token_id if self.params.bos_token_id >= 0 else None
+                    t = context(tokens, n, bos).reshape(-1, n)
+                else:
+                    t = tokens.reshape(-1)
+            elif tokens.dim() == len(lead) + 1 and tuple(tokens.shape[:-1]) == tuple(lead):
+                t = tokens.reshape(-1, tokens.shape[-1])
+            else:
+                raise ValueError(f"tokens shape {tuple(tokens.shape)} != x's leading shape {tuple(lead)} "
+                                 "(ids) or that plus a context dim")
         z = self.activate(self.pre_acts(flat))
         return self.decode(z, t).reshape(*lead, self.params.d_model)
 
@@ -879,13 +1025,16 @@ class SAE(nn.Module):
         """Fold an input scaling x_n = c·x used in training into the weights, so the saved SAE takes raw x.
 
         Pre-activations (so latents, thresholds and gates) are unchanged: W_enc ← c·W_enc,
-        b_dec ← b_dec/c; the reconstruction is divided by c: W_dec ← W_dec/c, W_lookup ← W_lookup/c.
+        b_dec ← b_dec/c; the reconstruction is divided by c: W_dec ← W_dec/c, W_lookup ← W_lookup/c (every
+        n-gram table too).
         """
         self.W_enc.mul_(c)
         self.b_dec.div_(c)
         self.W_dec.div_(c)
         if self.W_lookup is not None:
             self.W_lookup.div_(c)
+        for n in self.ngram_tables():
+            getattr(self, f"W_lookup_{n}").div_(c)
 
     # -- persistence --------------------------------------------------------------------------
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
