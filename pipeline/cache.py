@@ -1,4 +1,5 @@
-"""The Zarr activation cache (format v1): layout, writer with resume, read-only opening.
+"""The Zarr activation cache (format v2; v1 caches are read and extended too): layout, writer with resume,
+read-only opening.
 
 Layout (a Zarr v3 group, readable with plain ``zarr.open_group(path, mode="r")``):
 
@@ -9,7 +10,12 @@ Layout (a Zarr v3 group, readable with plain ``zarr.open_group(path, mode="r")``
   ``d_vocab``, ``prepend_bos``, ``bos_token_id``, ``sep_token_id``, ``dataset``, ``dtype``,
   ``seq_chunk``, ``n_seq_target``, ``n_seq`` (rows below it are fully written and durable; rows at
   or beyond it are not valid data), ``unigram_hooks`` (hooks whose unigram table is written),
-  ``complete``.
+  ``complete``, and from format 2 ``ngram_tables`` ({"2": {hook: rows}, "3": …}: rows of each n-gram table).
+* ``ngram<n>/<hook>/keys`` int64 ``[rows]`` and ``ngram<n>/<hook>/acts`` float32 ``[rows, d_model]`` (format 2,
+  n = 2, 3): the activation at the last position of ``[BOS, t₋₁, t]`` (``[BOS, t₋₂, t₋₁, t]``) for the n-grams of
+  the keys (:func:`pipeline.ngram.ngram_keys`) — the n-gram lookup's initialisation, written on first use by
+  :func:`store_ngram_activations` (appended, never rewritten; only the first ``rows`` are valid). Writing one
+  into a v1 cache marks it format 2 (its fingerprint, stored at harvest, does not change).
 
 The writer only ever writes whole chunks (the last one may be partial) and advances ``n_seq`` after
 the chunk write returned, so a crash leaves a cache whose first ``n_seq`` rows are valid; rerunning
@@ -37,7 +43,9 @@ import fsspec
 import zarr
 from zarr.codecs import BloscCodec
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
+"""Cache formats this tsae opens: 2 adds the optional n-gram activation tables; v1 caches lack only those."""
 ATTR = "tsae"
 LOCK_KEY = ".tsae-writer.lock"
 STALE_LOCK_SECONDS = 600
@@ -118,7 +126,7 @@ def chunk_checksum(rows: np.ndarray) -> str:
     return f"crc32:{zlib.crc32(np.ascontiguousarray(rows).view(np.uint8).reshape(-1)) & 0xFFFFFFFF:08x}"
 
 
-CACHE_ENTRIES = ("zarr.json", "tokens", "acts", "unigram")
+CACHE_ENTRIES = ("zarr.json", "tokens", "acts", "unigram", "ngram2", "ngram3")
 """Top-level entries of a cache folder besides the writer lock (and its temporary files)."""
 
 
@@ -256,7 +264,11 @@ def fingerprint(meta: dict[str, Any]) -> str:
 
 
 def _meta_diff(a: dict, b: dict) -> list[str]:
-    return [f"{k}: cache has {a.get(k)!r}, config asks {b.get(k)!r}" for k in IDENTITY_FIELDS if a.get(k) != b.get(k)]
+    """Identity fields on which two metadata disagree (readable format versions count as the same: a v2 tsae
+    extends and reuses v1 caches, whose contents are the same apart from the optional n-gram tables)."""
+    same_format = a.get("format_version") in READABLE_FORMATS and b.get("format_version") in READABLE_FORMATS
+    return [f"{k}: cache has {a.get(k)!r}, config asks {b.get(k)!r}" for k in IDENTITY_FIELDS
+            if a.get(k) != b.get(k) and not (k == "format_version" and same_format)]
 
 
 class WriterLock:
@@ -747,9 +759,9 @@ class Cache:
         if ATTR not in g.attrs:
             raise CacheError(f"{path} is not a tsae cache (no '{ATTR}' attribute)")
         meta = dict(g.attrs[ATTR])
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{path} has cache format {meta.get('format_version')}; this tsae reads "
-                             f"format {FORMAT_VERSION}")
+        if meta.get("format_version") not in READABLE_FORMATS:
+            raise CacheError(f"{path} has cache format {meta.get('format_version')}; this tsae reads formats "
+                             f"{', '.join(map(str, READABLE_FORMATS))}: use the tsae version that wrote it")
         cache = cls(path, g, meta)
         if check:
             problems = cache.metadata_problems()
@@ -904,6 +916,16 @@ class Cache:
             raise CacheError(f"cache {self.path} has no unigram table for {hook}: rerun harvest to finish it")
         return torch.from_numpy(self.group[f"unigram/{hook}"][:])
 
+    def ngram_activations(self, hook: str, n: int) -> tuple[np.ndarray, torch.Tensor]:
+        """The stored n-gram activations of ``hook`` (format 2): (keys int64 [rows], acts float32 [rows, d_model]),
+        empty when none were stored (always for a v1 cache)."""
+        rows = int(self.meta.get("ngram_tables", {}).get(str(n), {}).get(hook, 0))
+        if rows == 0:
+            return np.empty(0, np.int64), torch.empty(0, int(self.meta["d_model"]))
+        base = f"ngram{n}/{hook}"
+        return (np.asarray(self.group[f"{base}/keys"][:rows], dtype=np.int64),
+                torch.from_numpy(np.asarray(self.group[f"{base}/acts"][:rows], dtype=np.float32)))
+
     @property
     def fingerprint(self) -> str:
         return str(self.meta.get("fingerprint", ""))
@@ -911,10 +933,59 @@ class Cache:
     def nbytes_stored(self) -> int:
         """Bytes on disk/store of all arrays (compressed)."""
         total = 0
-        for name in ["tokens"] + [f"acts/{h}" for h in self.hooks] + [f"unigram/{h}" for h in
-                                                                        self.meta.get("unigram_hooks", [])]:
+        names = ["tokens"] + [f"acts/{h}" for h in self.hooks] + [f"unigram/{h}" for h in
+                                                                  self.meta.get("unigram_hooks", [])]
+        for n, by_hook in self.meta.get("ngram_tables", {}).items():
+            names += [f"ngram{n}/{h}/{a}" for h in by_hook for a in ("keys", "acts")]
+        for name in names:
             total += self.group[name].nbytes_stored()
         return total
+
+
+def store_ngram_activations(cache: Cache, hook: str, n: int, keys: np.ndarray, acts: torch.Tensor) -> str:
+    """Append n-gram activations (keys int64 [m], not yet stored; acts float32 [m, d_model]) to the cache's
+    ``ngram<n>/<hook>`` table under the writer lock, then record the new row count (a crash leaves the old
+    count, so the stored rows stay valid). Returns "" when stored, else why not (read-only storage, another
+    writer holds the lock): the caller then uses the activations without storing them. ``cache`` is refreshed.
+    Raises ActivationOverflowError on NaN/inf activations."""
+    keys = np.asarray(keys, dtype=np.int64)
+    if len(keys) == 0:
+        return ""
+    check_storable(acts, "float32", f"{n}-gram activations of {hook}")
+    arr = acts.detach().float().cpu().numpy()
+    lock = WriterLock(cache.path)
+    try:
+        lock.acquire()
+    except (CacheError, OSError) as e:
+        return f"could not take the cache's writer lock ({type(e).__name__}: {str(e)[:120]})"
+    try:
+        g = zarr.open_group(store_path(cache.path), mode="r+")
+        meta = dict(g.attrs[ATTR])
+        tables = {k: dict(v) for k, v in meta.get("ngram_tables", {}).items()}
+        have = int(tables.get(str(n), {}).get(hook, 0))
+        base = f"ngram{n}/{hook}"
+        if have == 0:
+            g.create_array(f"{base}/keys", shape=(len(keys),), chunks=(1 << 16,), dtype="int64",
+                           compressors=tokens_codec(), fill_value=-1, overwrite=True)
+            g.create_array(f"{base}/acts", shape=arr.shape, chunks=(min(4096, len(arr)), arr.shape[1]),
+                           dtype="float32", compressors=codec(), fill_value=0, overwrite=True)
+        k_arr, a_arr = g[f"{base}/keys"], g[f"{base}/acts"]
+        end = have + len(keys)
+        if k_arr.shape[0] < end:
+            k_arr.resize((end,))
+            a_arr.resize((end, arr.shape[1]))
+        a_arr[have:end] = arr
+        k_arr[have:end] = keys
+        tables.setdefault(str(n), {})[hook] = end
+        meta["ngram_tables"] = tables
+        meta["format_version"] = max(int(meta.get("format_version", 1)), 2)
+        g.attrs[ATTR] = meta
+    except (PermissionError, OSError) as e:
+        return f"the cache is not writable here ({type(e).__name__}: {str(e)[:120]})"
+    finally:
+        lock.release()
+    cache.refresh()
+    return ""
 
 
 def cache_path(root: str, model: str, fp: str) -> str:

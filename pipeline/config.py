@@ -120,6 +120,14 @@ class SAEConfig:
     """Lookup init scale: W_lookup = alpha * unigram, SAE path (encoder) scaled by 1 - alpha."""
     lookup_rows: int = 0
     """Tokenized: 0 = a row per vocabulary token; N = rows for the cache's N most frequent tokens only."""
+    lookup_ngram: int = 1
+    """Tokenized: highest n-gram order of the lookup. 1 = the per-token table alone (the paper); 2 adds a table
+    for the ``lookup_rows_2`` most frequent bigrams (t₋₁, t) of the training split, 3 also one for the
+    ``lookup_rows_3`` most frequent trigrams: x̂ = … + W₁[t] + W₂[(t₋₁, t)] + W₃[(t₋₂, t₋₁, t)] (pipeline/ngram.py)."""
+    lookup_rows_2: int = 16384
+    """Rows of the bigram table (lookup_ngram >= 2): 16384 × d_model float32, plus twice that for Adam's moments."""
+    lookup_rows_3: int = 16384
+    """Rows of the trigram table (lookup_ngram = 3)."""
     lr: float = 0.0
     """Learning rate; 0 takes ``train.lr``."""
     lookup_lr_scale: float = 25.0
@@ -173,6 +181,16 @@ class SAEConfig:
             raise ConfigError(f"{where}.lookup_lr_scale must be > 0")
         if self.lookup_rows < 0 or self.aux_k < 0 or self.aux_coeff < 0:
             raise ConfigError(f"{where}: lookup_rows, aux_k and aux_coeff must be >= 0")
+        if self.lookup_ngram not in (1, 2, 3):
+            raise ConfigError(f"{where}.lookup_ngram={self.lookup_ngram} must be 1 (unigram table), 2 (+ bigrams) "
+                              "or 3 (+ trigrams)")
+        if self.lookup_ngram > 1 and not self.tokenized:
+            raise ConfigError(f"{where}.lookup_ngram={self.lookup_ngram} needs tokenized = true (the n-gram tables "
+                              "extend the per-token lookup)")
+        for n in (2, 3):
+            if self.lookup_ngram >= n and getattr(self, f"lookup_rows_{n}") <= 0:
+                raise ConfigError(f"{where}.lookup_rows_{n}={getattr(self, f'lookup_rows_{n}')} must be > 0 "
+                                  f"with lookup_ngram={self.lookup_ngram}")
         if self.bandwidth <= 0 or self.init_threshold <= 0:
             raise ConfigError(f"{where}: bandwidth and init_threshold must be > 0")
         if self.threshold_lr < 0:
@@ -200,7 +218,11 @@ class SAEConfig:
         if self.architecture != "matryoshka_batchtopk":
             c.prefixes = []
         if not self.tokenized:
-            c.alpha, c.lookup_rows, c.lookup_lr_scale = 0.5, 0, 25.0
+            c.alpha, c.lookup_rows, c.lookup_lr_scale, c.lookup_ngram = 0.5, 0, 25.0, 1
+        if c.lookup_ngram < 2:
+            c.lookup_rows_2 = 16384
+        if c.lookup_ngram < 3:
+            c.lookup_rows_3 = 16384
         return c
 
 

@@ -150,12 +150,13 @@ def heldout_rows(cache: Cache, chunks: Sequence[int], seed: int = 0) -> np.ndarr
 
 
 def load_rows(cache: Cache, hook: str, rows: np.ndarray, exclude_bos: bool = True,
-              device: str | torch.device = "cpu") -> tuple[Tensor, Tensor, Tensor]:
+              device: str | torch.device = "cpu", context: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Activations of sequence ``rows`` (in that order), flattened to tokens.
 
     Returns (acts float32 [n, d_model], tokens int64 [n], seq int64 [n]: the index into ``rows`` of each
     token's sequence), on ``device``. With ``exclude_bos`` and a ``prepend_bos`` cache, position 0 of every
-    sequence is dropped. Reads each chunk touched once.
+    sequence is dropped. With ``context`` = c > 1, tokens is each token's context int64 [n, c] instead
+    (:func:`pipeline.ngram.context`: what an n-gram lookup needs). Reads each chunk touched once.
     """
     from pipeline.cache import to_torch
 
@@ -163,38 +164,47 @@ def load_rows(cache: Cache, hook: str, rows: np.ndarray, exclude_bos: bool = Tru
     d_model = int(cache.meta["d_model"])
     if not len(rows):
         z = torch.zeros(0, dtype=torch.int64, device=device)
-        return torch.zeros(0, d_model, device=device), z, z.clone()
+        t0 = z if context == 1 else torch.zeros((0, context), dtype=torch.int64, device=device)
+        return torch.zeros(0, d_model, device=device), t0, z.clone()
     acts_arr, tok_arr = cache.array(f"acts/{hook}"), cache.array("tokens")
     start = 1 if exclude_bos and cache.meta["prepend_bos"] else 0
     chunk = rows // cache.seq_chunk
     acts = np.empty((len(rows), cache.context_size - start, d_model), dtype=acts_arr.dtype)
-    toks = np.empty((len(rows), cache.context_size - start), dtype=np.int64)
+    toks = np.empty((len(rows), cache.context_size), dtype=np.int64)
     for c in np.unique(chunk):
         where = np.nonzero(chunk == c)[0]
         a = int(c) * cache.seq_chunk
         b = min(a + cache.seq_chunk, cache.n_seq)
         local = rows[where] - a
         acts[where] = acts_arr[a:b][local, start:]
-        toks[where] = tok_arr[a:b][local, start:]
+        toks[where] = tok_arr[a:b][local]
     n_pos = acts.shape[1]
     x = to_torch(np.ascontiguousarray(acts.reshape(-1, d_model)), cache.dtype).to(device=device, dtype=torch.float32)
     seq = torch.arange(len(rows), dtype=torch.int64).repeat_interleave(n_pos)
-    return x, torch.from_numpy(toks.reshape(-1)).to(device), seq.to(device)
+    t = torch.from_numpy(toks)
+    if context > 1:
+        from pipeline.ngram import cache_bos, context as ngram_context
+
+        t = ngram_context(t, context, cache_bos(cache))[:, start:].reshape(-1, context)
+    else:
+        t = t[:, start:].reshape(-1)
+    return x, t.contiguous().to(device), seq.to(device)
 
 
 def sae_reconstructor(sae: torch.nn.Module) -> Reconstruct:
     """A :data:`Reconstruct` callable from an SAE (``sae(x, tokens).x_hat``, :class:`pipeline.saes.base.SAE`).
 
     Flattens acts [b, ctx, d] → [b·ctx, d], runs the SAE in float32 on its own device with the
-    matching token ids (tokenized SAEs need them; plain ones ignore them), reshapes back and casts
+    matching token ids (tokenized SAEs need them, an n-gram lookup each position's context:
+    ``sae.sequence_tokens``; plain ones ignore them), reshapes back and casts
     to the activations' dtype and device (the model's).
     """
     def reconstruct(acts: Tensor, tokens: Tensor) -> Tensor:
         dev = next(sae.parameters()).device
         x = acts.reshape(-1, acts.shape[-1]).to(device=dev, dtype=torch.float32)
-        t = tokens.reshape(-1).to(device=dev, dtype=torch.int64)
+        t = sae.sequence_tokens(tokens.to(dev)) if hasattr(sae, "sequence_tokens") else tokens.reshape(-1).to(dev)
         with torch.no_grad():
-            x_hat = sae(x, t).x_hat
+            x_hat = sae(x, t.to(torch.int64)).x_hat
         return x_hat.reshape(acts.shape).to(device=acts.device, dtype=acts.dtype)
 
     return reconstruct

@@ -43,12 +43,19 @@ def _check_vocab(d_vocab: int) -> None:
         raise ValueError(f"d_vocab={d_vocab} must be in [1, {MAX_VOCAB}] for n-gram keys to fit int64")
 
 
+def cache_bos(cache) -> int | None:
+    """The BOS id no n-gram crosses in ``cache`` (:class:`pipeline.cache.Cache`): its ``bos_token_id``, or None."""
+    bos = cache.meta.get("bos_token_id")
+    return None if bos is None or int(bos) < 0 else int(bos)
+
+
 def context(tokens: Tensor, c: int, bos_token_id: int | None = None) -> Tensor:
     """The c-token context of every position of token sequences: int64 ``[..., seq, c]``.
 
     tokens: int ``[..., seq]`` (each last-dim row one sequence, position 0 its start). Column ``c − 1`` is the
     token itself, column ``c − 1 − j`` its j-th predecessor, or :data:`NONE` where that predecessor lies before
-    position 0, equals ``bos_token_id`` (None: no BOS check), or follows a :data:`NONE`. Raises ValueError
+    position 0, equals ``bos_token_id`` (None: no BOS check), or follows a :data:`NONE`, and for every
+    predecessor of a token that is itself the BOS: no n-gram holds a BOS. Raises ValueError
     on c < 1 or a 0-dim input.
     """
     if c < 1:
@@ -62,13 +69,36 @@ def context(tokens: Tensor, c: int, bos_token_id: int | None = None) -> Tensor:
         shifted = torch.full_like(prev, NONE)
         shifted[..., 1:] = prev[..., :-1]
         if bos_token_id is not None:
-            shifted = shifted.masked_fill(shifted == bos_token_id, NONE)
+            # no n-gram holds a BOS: neither as a predecessor nor as the token itself
+            shifted = shifted.masked_fill((shifted == bos_token_id) | (t == bos_token_id), NONE)
         # a predecessor of a NONE is NONE too (no n-gram reaches across a BOS or the start)
         if len(cols) > 1:
             shifted = shifted.masked_fill(cols[0] == NONE, NONE)
         cols.insert(0, shifted)
         prev = shifted
     return torch.stack(cols, dim=-1)
+
+
+def context_at(token_rows: np.ndarray, idx: np.ndarray, seq_len: int, c: int, bos_token_id: int | None = None,
+               out: np.ndarray | None = None) -> np.ndarray:
+    """:func:`context` for positions picked from flattened sequences (the shuffled reader's batches).
+
+    token_rows: int [n_seq · seq_len] (sequences of ``seq_len`` tokens laid end to end); idx: int64 [b] flat
+    positions. Returns int64 [b, c] (into ``out`` when given): column c − 1 = token_rows[idx], column c − 1 − j its
+    j-th predecessor within the same sequence, or :data:`NONE` exactly as :func:`context` sets it.
+    """
+    idx = np.asarray(idx, dtype=np.int64)
+    res = np.empty((len(idx), c), dtype=np.int64) if out is None else out
+    res[:, c - 1] = token_rows[idx]
+    pos = idx % seq_len
+    alive = np.ones(len(idx), dtype=bool) if bos_token_id is None else res[:, c - 1] != bos_token_id
+    for j in range(1, c):
+        alive &= pos >= j
+        col = np.where(alive, token_rows[np.where(alive, idx - j, idx)], NONE)
+        if bos_token_id is not None:
+            alive &= col != bos_token_id
+        res[:, c - 1 - j] = np.where(alive, col, NONE)
+    return res
 
 
 def ngram_keys(ctx: Tensor, n: int, d_vocab: int) -> Tensor:
@@ -112,24 +142,32 @@ def rows_of(keys: Tensor, sorted_keys: Tensor, sorted_rows: Tensor, fallback: in
                        torch.full_like(keys, fallback))
 
 
-def count_ngrams(rows: np.ndarray, n: int, d_vocab: int, bos_token_id: int | None = None,
+def count_ngrams(rows, n: int, d_vocab: int, bos_token_id: int | None = None,
                  first: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Occurrences of every n-gram in token sequences ``rows`` int [n_seq, seq] (positions >= ``first``; the
-    n-gram ends at the position and never crosses the sequence start or a BOS, as in :func:`context`).
+    """Occurrences of every n-gram in token sequences ``rows`` (int [n_seq, seq], a numpy or dask array), counted
+    with the bounded-memory counter of the n-gram analysis (:func:`pipeline.analysis.ngrams.count_ngrams`): the
+    n-grams ending at positions >= ``first`` that hold no ``bos_token_id`` (so none crosses the sequence start
+    or a BOS, as in :func:`context`).
 
-    Returns (keys int64 [M], counts int64 [M]) in descending count order (ties: ascending key), so the first N
-    keys are the N most frequent n-grams — a table's rows.
+    Returns (keys int64 [M] of :func:`ngram_keys`, counts int64 [M]) in descending count order (ties: ascending
+    key), so the first N keys are the N most frequent n-grams — a table's rows.
     """
+    import dask.array as da
+
+    from pipeline.analysis.ngrams import count_ngrams as count_all
+
     _check_order(n)
     _check_vocab(d_vocab)
-    t = torch.from_numpy(np.ascontiguousarray(rows)).to(torch.int64)
-    if t.dim() != 2:
-        raise ValueError(f"rows must be [n_seq, seq], got shape {tuple(t.shape)}")
-    keys = ngram_keys(context(t, n, bos_token_id)[:, first:], n, d_vocab).reshape(-1).numpy()
-    keys = keys[keys >= 0]
-    uniq, counts = np.unique(keys, return_counts=True)
-    order = np.lexsort((uniq, -counts))
-    return uniq[order].astype(np.int64), counts[order].astype(np.int64)
+    arr = rows if isinstance(rows, da.Array) else da.from_array(np.ascontiguousarray(rows))
+    if arr.ndim != 2:
+        raise ValueError(f"rows must be [n_seq, seq], got shape {tuple(arr.shape)}")
+    arr = arr[:, max(0, first - (n - 1)):]
+    c = count_all(arr, n, d_vocab)
+    keys, counts = c.codes, c.counts
+    if bos_token_id is not None and len(keys):
+        has_bos = (split_keys(torch.from_numpy(keys), n, d_vocab) == bos_token_id).any(1).numpy()
+        keys, counts = keys[~has_bos], counts[~has_bos]
+    return keys.astype(np.int64), counts.astype(np.int64)
 
 
 def merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
@@ -142,3 +180,40 @@ def merge_counts(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray
     total = np.bincount(inv, weights=counts, minlength=len(uniq)).astype(np.int64)
     order = np.lexsort((uniq, -total))
     return uniq[order].astype(np.int64), total[order]
+
+
+def cached_ngram_activations(cache, hook: str, n: int, keys: np.ndarray, device: str | torch.device = "cpu",
+                             progress: bool = True, store: bool = True) -> tuple[torch.Tensor, str]:
+    """The activation at the last position of ``[BOS, *gram]`` for the n-grams ``keys`` (int64 [m]) at ``hook``:
+    (float32 [m, d_model] on the CPU, a note). Rows already in the cache's ``ngram<n>/<hook>`` table are read; the
+    others are computed with the cache's model (:func:`pipeline.models.ngram_activations`, loaded only when some
+    are missing) and, with ``store``, appended to the table (:func:`pipeline.cache.store_ngram_activations`). The
+    note says how many were computed and, when they could not be stored, why ("" when all were read).
+    """
+    from pipeline.cache import store_ngram_activations
+
+    keys = np.asarray(keys, dtype=np.int64)
+    d_model = int(cache.meta["d_model"])
+    out = torch.empty(len(keys), d_model, dtype=torch.float32)
+    stored_keys, stored = cache.ngram_activations(hook, n)
+    found = np.zeros(len(keys), dtype=bool)
+    if len(stored_keys) and len(keys):
+        order = np.argsort(stored_keys, kind="stable")
+        pos = np.clip(np.searchsorted(stored_keys[order], keys), 0, len(order) - 1)
+        found = stored_keys[order][pos] == keys
+        out[torch.from_numpy(np.nonzero(found)[0])] = stored[torch.from_numpy(order[pos[found]])]
+    missing = np.nonzero(~found)[0]
+    if len(missing) == 0:
+        return out, ""
+    from pipeline.evaluation import load_cache_model
+    from pipeline.models import ngram_activations
+
+    lm = load_cache_model(cache, device)
+    new = ngram_activations(lm, [hook], split_keys(keys[missing], n, int(cache.meta["d_vocab"])),
+                            progress=progress)[hook]
+    out[torch.from_numpy(missing)] = new
+    note = f"{len(missing):,} of {len(keys):,} {n}-gram activations computed with {cache.meta.get('model')}"
+    if store:
+        why = store_ngram_activations(cache, hook, n, keys[missing], new)
+        note += "; stored in the cache" if not why else f"; not stored in the cache: {why}"
+    return out, note

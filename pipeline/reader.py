@@ -31,11 +31,14 @@ from zarr.core.buffer import default_buffer_prototype
 
 from pipeline.background import iterate_ahead
 from pipeline.cache import Cache, CacheError, to_torch
+from pipeline.ngram import cache_bos, context_at
+from pipeline.ngram import context as ngram_context
 
 
 @dataclass
 class Batch:
-    """acts: [batch, d_model] (the reader's dtype, on its device); tokens: int64 [batch]."""
+    """acts: [batch, d_model] (the reader's dtype, on its device); tokens: int64 [batch], or each token's context
+    int64 [batch, c] (a reader with ``context`` = c > 1)."""
 
     acts: torch.Tensor
     tokens: torch.Tensor
@@ -116,7 +119,9 @@ class ActivationReader:
     activations (on CUDA, batches are gathered into pinned memory and copied with
     ``non_blocking``). ``epoch`` selects the chunk order and shuffles (seeded by ``seed`` and
     ``epoch``); it increments after each pass. prefetch: chunks read ahead on background threads.
-    prefetch_batches: batches made ahead on a background thread while the caller works on the current one
+    context: 1 = ``Batch.tokens`` holds token ids [batch]; c = 2, 3 = each token's context [batch, c] (columns
+    t₋(c−1) … t₋₁, t; −1 where the predecessor lies before the sequence start or is the cache's BOS:
+    :func:`pipeline.ngram.context_at`), what an n-gram lookup needs. prefetch_batches: batches made ahead on a background thread while the caller works on the current one
     (gather into pinned memory, copy and dtype conversion on a side CUDA stream that the caller's stream
     waits for); None: 2 on CUDA, 0 (made on the iterating thread) elsewhere. Same batches either way.
     """
@@ -124,9 +129,12 @@ class ActivationReader:
     def __init__(self, cache: Cache, hook: str, chunks: list[int], batch_size: int = 4096,
                  buffer_tokens: int = 131_072, exclude_bos: bool = True, seed: int = 0,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", drop_last: bool = False,
-                 prefetch: int = 4, prefetch_batches: int | None = None):
+                 prefetch: int = 4, prefetch_batches: int | None = None, context: int = 1):
         if batch_size <= 0 or buffer_tokens < batch_size:
             raise ValueError(f"need 0 < batch_size <= buffer_tokens, got {batch_size}, {buffer_tokens}")
+        if not 1 <= context <= 3:
+            raise ValueError(f"context={context} must be 1 (token ids), 2 or 3 (with the previous tokens)")
+        self.context = context
         self.cache, self.hook, self.chunks = cache, cache.check_hook(hook), list(chunks)
         self.batch_size, self.buffer_tokens = batch_size, buffer_tokens
         self.exclude_bos, self.seed, self.dtype = exclude_bos, seed, dtype
@@ -182,6 +190,7 @@ class ActivationReader:
         slab_tokens = np.empty((n_slots, sc * ctx), dtype=np.int64)
         token_rows = slab_tokens.reshape(-1)
         keep = (np.arange(sc)[:, None] * ctx + np.arange(first, ctx)[None, :]).ravel()  # offsets in a slot
+        bos = cache_bos(cache)
 
         def read(j: int) -> int:  # on a read-ahead thread: chunk order[j] into its slot; returns its sequences
             slot, (a, b) = j % n_slots, chunk_rows(cache, order[j])
@@ -233,9 +242,13 @@ class ActivationReader:
                         idx = _pop(queue, min(bs, queued - taken))
                         acts = (scratch[:len(idx)] if scratch is not None else
                                 torch.empty((len(idx), rows.shape[1]), dtype=_TORCH_WORDS[word], pin_memory=pin))
-                        toks = torch.empty(len(idx), dtype=torch.int64, pin_memory=pin)
                         np.take(rows, idx, axis=0, out=acts.numpy(), mode="clip")  # "raise" would buffer `out`
-                        np.take(token_rows, idx, out=toks.numpy(), mode="clip")
+                        if self.context == 1:
+                            toks = torch.empty(len(idx), dtype=torch.int64, pin_memory=pin)
+                            np.take(token_rows, idx, out=toks.numpy(), mode="clip")
+                        else:
+                            toks = torch.empty((len(idx), self.context), dtype=torch.int64, pin_memory=pin)
+                            context_at(token_rows, idx, ctx, self.context, bos, out=toks.numpy())
                         taken += len(idx)
                         yield self._to_batch(acts.view(TORCH_DTYPES[cache.dtype]), toks)
             finally:  # an abandoned epoch: do not start the reads still queued
@@ -329,15 +342,21 @@ def _word_dtype(row_bytes: int) -> np.dtype:
 
 
 def load_tokens(cache: Cache, hook: str, chunks: list[int], max_tokens: int, exclude_bos: bool = True,
-                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", context: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Up to ``max_tokens`` tokens of ``chunks`` in cache order (no shuffle), e.g. a held-out set.
 
-    Returns (acts [n, d_model] dtype on device, tokens int64 [n] on device).
+    Returns (acts [n, d_model] dtype on device, tokens int64 [n] on device; with ``context`` = c > 1 each token's
+    context int64 [n, c] instead, as :class:`ActivationReader` gives it).
     """
     acts, toks, n = [], [], 0
     for c in chunks:
         a, t = read_chunk(cache, hook, c, exclude_bos)
+        if context > 1:
+            start, stop = chunk_rows(cache, c)
+            seqs = torch.from_numpy(cache.tokens(start, stop).astype(np.int64))
+            first = 1 if exclude_bos and cache.meta["prepend_bos"] else 0
+            t = ngram_context(seqs, context, cache_bos(cache))[:, first:].reshape(-1, context)
         acts.append(a)
         toks.append(t)
         n += len(t)
@@ -345,6 +364,6 @@ def load_tokens(cache: Cache, hook: str, chunks: list[int], max_tokens: int, exc
             break
     if not acts:  # no chunks given
         return (torch.empty((0, int(cache.meta["d_model"])), dtype=dtype, device=device),
-                torch.empty(0, dtype=torch.int64, device=device))
+                torch.empty((0,) if context == 1 else (0, context), dtype=torch.int64, device=device))
     a = torch.cat(acts)[:max_tokens].to(device=device, dtype=dtype)
     return a, torch.cat(toks)[:max_tokens].to(device)

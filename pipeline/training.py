@@ -326,13 +326,14 @@ class MultiTrainer:
             unknown = sorted(set(mo.param_lr) - set(named))
             if unknown:
                 raise ValueError(f"{name}: param_lr names {unknown}, which {type(sae).__name__} does not have")
-            dense = [p for n, p in named.items() if n != "W_lookup" and n not in mo.param_lr]
+            lookups = [p for n, p in named.items() if n.startswith("W_lookup")]  # unigram (+ n-gram) tables
+            dense = [p for n, p in named.items() if not n.startswith("W_lookup") and n not in mo.param_lr]
             groups = [{"params": dense, "lr": lr}] + [{"params": [named[n]], "lr": v} for n, v in mo.param_lr.items()]
             params = [p for g in groups for p in g["params"]]
             optims: list[torch.optim.Optimizer] = [torch.optim.Adam(groups, lr=lr, betas=opts.betas,
                                                                     fused=_fused_ok(params))]
-            if sae.W_lookup is not None:
-                optims.append(LazyAdam([sae.W_lookup], lr=lookup_lr, betas=opts.betas))
+            if lookups:
+                optims.append(LazyAdam(lookups, lr=lookup_lr, betas=opts.betas))
             scheds = [torch.optim.lr_scheduler.LambdaLR(o, sched) for o in optims]
             fwd = torch.compile(sae) if opts.compile else sae
             clip = opts.grad_clip if mo.grad_clip is None else mo.grad_clip
@@ -340,7 +341,8 @@ class MultiTrainer:
             self.members.append(Member(name, sae, optims, scheds, fwd, grad_clip=clip, sparsity_warmup_steps=warm))
 
     def step(self, x: Tensor, tokens: Tensor, log: bool = True) -> dict[str, dict[str, float]]:
-        """One optimisation step of every SAE on x [batch, d_model], tokens [batch].
+        """One optimisation step of every SAE on x [batch, d_model], tokens int64 [batch] (ids) or [batch, c] (each
+        token's context, :func:`pipeline.ngram.context`: what an n-gram lookup needs; the others read the last column).
 
         With ``log``, returns {name: {loss, mse, nmse, l0, dead_frac, lr, <terms>}} for this batch
         (floats; computing them synchronises the device), else {}.

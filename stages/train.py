@@ -30,6 +30,7 @@ from pipeline.cache import Cache, CacheError
 from pipeline.config import TOPK_FAMILY, Config, ConfigError, SAEConfig, TrainConfig
 from pipeline.evaluation import heldout_rows, load_rows
 from pipeline.models import resolve_device
+from pipeline.ngram import cache_bos
 from pipeline.reader import ActivationReader, load_tokens, split_chunks
 from pipeline.saes import ARCHITECTURES, SAE, SAEParams
 from pipeline.saes.init import derive_init_seed, initial_sae, same_init_scheme
@@ -74,7 +75,7 @@ def check_finite(trainer: MultiTrainer, step: int, metrics: dict[str, dict[str, 
             raise TrainingDiverged(f"SAE {m.name}: its weights are NaN/inf at step {step}: {hint}")
 
 
-_SHORT = {"alpha": "a", "lookup_rows": "r", "lr": "lr", "lookup_lr_scale": "ls", "aux_k": "ak", "aux_coeff": "ac",
+_SHORT = {"alpha": "a", "lookup_rows": "r", "lookup_ngram": "ng", "lookup_rows_2": "r2", "lookup_rows_3": "r3", "lr": "lr", "lookup_lr_scale": "ls", "aux_k": "ak", "aux_coeff": "ac",
           "bandwidth": "bw", "init_threshold": "th", "threshold_lr": "tlr", "grad_clip": "gc",
           "sparsity_warmup_frac": "sw", "seed": "s"}
 
@@ -202,6 +203,10 @@ def plan(cfg: Config, cache: Cache, hook: str) -> list[Spec]:
             raise ConfigError(f"two SAEs are named {name!r}: give them distinct train.saes names")
         params = SAEParams(architecture=s.architecture, d_model=d_model, d_sae=d_sae, k=s.k, tokenized=s.tokenized,
                            d_vocab=d_vocab if s.tokenized else 0, lookup_rows=s.lookup_rows if s.tokenized else 0,
+                           lookup_ngram=s.lookup_ngram if s.tokenized else 1,
+                           lookup_rows_2=s.lookup_rows_2 if s.tokenized and s.lookup_ngram >= 2 else 0,
+                           lookup_rows_3=s.lookup_rows_3 if s.tokenized and s.lookup_ngram >= 3 else 0,
+                           bos_token_id=-1 if cache_bos(cache) is None else cache_bos(cache),
                            sparsity_coeff=s.sparsity_coeff, aux_k=s.aux_k, aux_coeff=s.aux_coeff,
                            dead_after_tokens=t.dead_after_tokens, bandwidth=s.bandwidth * math.sqrt(d_model),
                            init_threshold=s.init_threshold * math.sqrt(d_model), prefixes=list(s.prefixes), hook=hook,
@@ -243,6 +248,47 @@ def token_counts(cache: Cache, chunks: list[int]) -> torch.Tensor:
     return torch.from_numpy(counts.astype(np.float64))
 
 
+def ngram_counts(cache: Cache, chunks: list[int], n: int, first: int) -> tuple[np.ndarray, np.ndarray]:
+    """The n-grams of ``chunks`` (positions >= ``first`` of each sequence; none crossing a sequence start or the
+    cache's BOS, :func:`pipeline.ngram.count_ngrams`): (keys int64 [m], counts int64 [m]), most frequent first."""
+    import dask.array as da
+
+    from pipeline.ngram import cache_bos, count_ngrams
+    from pipeline.reader import chunk_rows
+
+    tokens = cache.tokens_array()
+    parts = [tokens[a:b] for a, b in (chunk_rows(cache, c) for c in sorted(chunks)) if b > a]
+    if not parts:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    return count_ngrams(da.concatenate(parts), n, int(cache.meta["d_vocab"]), cache_bos(cache), first)
+
+
+def ngram_init(cache: Cache, hook: str, specs: list[Spec], chunks: list[int], first: int, scale: float,
+               device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For every n-gram order the run's SAEs use (2, 3): (keys int64 [m], activations float32 [m, d_model] at
+    the training input scale) of the m most frequent n-grams of the training ``chunks`` (m = the largest
+    ``lookup_rows_<n>`` asked for): what :meth:`SAE.init_from_data` takes as ``ngram_acts``. The activations
+    come from the cache's n-gram table, the missing ones from the cache's model (stored back when the cache is
+    writable; :func:`pipeline.ngram.cached_ngram_activations`). {} when no SAE has an n-gram lookup."""
+    from pipeline.ngram import cached_ngram_activations
+
+    out = {}
+    for n in (2, 3):
+        want = max((getattr(s.params, f"lookup_rows_{n}") for s in specs
+                    if s.params.tokenized and s.params.lookup_ngram >= n), default=0)
+        if want == 0:
+            continue
+        keys, counts = ngram_counts(cache, chunks, n, first)
+        keys = keys[:want]
+        click.echo(f"train: {n}-gram tables: the {len(keys):,} most frequent of {len(counts):,} distinct {n}-grams of "
+                   f"the training split ({int(counts[:want].sum()):,} of {int(counts.sum()):,} {n}-gram positions)")
+        acts, note = cached_ngram_activations(cache, hook, n, keys, device)
+        if note:
+            click.echo(f"train: {note}")
+        out[n] = (torch.from_numpy(keys), acts * scale)
+    return out
+
+
 def cache_url(path: str) -> str:
     """A cache location that stays valid from another working directory: URLs as they are, local paths absolute."""
     return str(path) if "://" in str(path) else str(Path(path).resolve())
@@ -266,8 +312,10 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         specs = [s for s in specs if s.name in only]
     dev = resolve_device(t.device)
     train_chunks, held_chunks = split_chunks(cache, t.holdout_frac, t.seed)
+    # Token context: ids alone, or each token's 2 / 3 last tokens when an SAE has an n-gram lookup.
+    n_ctx = max((s.params.lookup_ngram for s in specs if s.params.tokenized), default=1)
     reader = ActivationReader(cache, hook, train_chunks, t.batch_size, t.buffer_tokens, t.exclude_bos, t.seed,
-                              device=dev, drop_last=True)
+                              device=dev, drop_last=True, context=n_ctx)
     per_epoch = reader.batches_per_epoch()
     if per_epoch == 0:
         raise ConfigError(f"the training split has {reader.tokens_per_epoch} tokens, fewer than one batch of "
@@ -279,7 +327,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
 
     # Sample for input normalisation and data-dependent init (first training chunks, in cache order).
     x0, tok0 = load_tokens(cache, hook, train_chunks, min(32_768, reader.tokens_per_epoch), t.exclude_bos,
-                           device=dev)
+                           device=dev, context=n_ctx)
     scale = input_scale(x0)
     if not math.isfinite(scale) or scale <= 0:
         raise CacheError(f"{cache.path}: the input-scale sample of {len(x0):,} activations gives scale {scale}: "
@@ -291,17 +339,19 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     if n_eval_seq * per_seq_tokens < t.eval_tokens:
         click.echo(f"train: the held-out split has {len(rows)} sequences ({len(rows) * per_seq_tokens:,} tokens), "
                    f"fewer than train.eval_tokens={t.eval_tokens:,}: NMSE / L0 are measured on all of them")
-    xh, th, sh = load_rows(cache, hook, rows[:n_eval_seq], t.exclude_bos, device=dev)
+    xh, th, sh = load_rows(cache, hook, rows[:n_eval_seq], t.exclude_bos, device=dev, context=n_ctx)
     xh = xh * scale
     unigram = counts = None
     if any(s.params.tokenized for s in specs):
         unigram = (cache.unigram(hook) * scale).to(dev)
         counts = token_counts(cache, train_chunks)  # picks a truncated table's rows; orders every table's rows
+    ngram_acts = ngram_init(cache, hook, specs, train_chunks, reader._first, scale, dev) if n_ctx > 1 else {}
 
     members = {}
     for s in specs:
         sae = initial_sae(s.params, s.init_seed).to(dev)  # random weights from its own init seed (or its twin's)
-        sae.init_from_data(x0, tok0, unigram, s.cfg.alpha, token_counts=counts, b_dec_init=t.b_dec_init)
+        sae.init_from_data(x0, tok0, unigram, s.cfg.alpha, token_counts=counts, b_dec_init=t.b_dec_init,
+                           ngram_acts=ngram_acts if s.params.lookup_ngram > 1 else None)
         members[s.name] = (sae, s.lr, s.lr * s.cfg.lookup_lr_scale, s.options(t, total_steps))
     opts = TrainOptions(total_steps=total_steps, warmup_steps=t.warmup_steps, lr_final_frac=t.lr_final_frac,
                         lr_schedule=t.lr_schedule, lr_decay_frac=t.lr_decay_frac,
@@ -405,6 +455,7 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
         ev = {k: v for k, v in final[n].items() if k not in ("firing_freq", "per_seq")}
         ev.update(intervals["per_sae"][n])
         ev.update(name=n, architecture=s.params.architecture, tokenized=s.params.tokenized, d_sae=s.params.d_sae,
+                  lookup_ngram=s.params.lookup_ngram if s.params.tokenized else 0,
                   k=s.params.k if s.params.architecture in TOPK_FAMILY else None,
                   sparsity_coeff=None if s.params.architecture in TOPK_FAMILY else sae.sparsity_coeff,
                   seed=s.seed, init_seed=s.init_seed, init_like=s.init_like, tokens_seen=trainer.tokens_seen,
@@ -572,7 +623,7 @@ class CEEvaluator:
                 dev = sae.W_dec.device
                 x = acts.reshape(-1, acts.shape[-1]).to(dev, torch.float32) * self.scale
                 with torch.no_grad(), torch.autocast(dev.type, enabled=False):
-                    x_hat = sae(x, toks.reshape(-1).to(dev)).x_hat / self.scale
+                    x_hat = sae(x, sae.sequence_tokens(toks.to(dev))).x_hat / self.scale
                 return x_hat.reshape(acts.shape).to(acts.device, acts.dtype)
             return f
 

@@ -815,6 +815,19 @@ class SAE(nn.Module):
             raise ValueError(f"tokens must be ids [batch] or a context [batch, c], got shape {tuple(tokens.shape)}")
         return self.lookup_orders(tokens, 3)
 
+    def sequence_tokens(self, tokens: Tensor) -> Tensor:
+        """What this SAE's ``tokens`` argument takes for the positions of token sequences ``tokens`` int [..., seq]
+        (last dim = positions of one sequence, position 0 its start), flattened: ids int64 [N] (plain and
+        unigram lookup), or each position's context int64 [N, lookup_ngram] (n-gram lookup;
+        :func:`pipeline.ngram.context` with ``params.bos_token_id``)."""
+        n = self.params.lookup_ngram if self.W_lookup is not None else 1
+        if n == 1:
+            return tokens.reshape(-1).to(torch.int64)
+        from pipeline.ngram import context
+
+        bos = self.params.bos_token_id if self.params.bos_token_id >= 0 else None
+        return context(tokens, n, bos).reshape(-1, n)
+
     def ngram_rows(self, tokens: Tensor, n: int) -> Tensor:
         """Row of W_lookup_<n> for each position's n-gram: int64 [batch] (``lookup_rows_<n>`` = no row) for a
         context [batch, c >= n]. Raises ValueError on ids alone or a too short context."""

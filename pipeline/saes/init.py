@@ -78,5 +78,6 @@ def initial_decoder(sae: SAE) -> Tensor | None:
     if seed is None:
         return None
     # The lookup draws nothing from the RNG: rebuild without it (no [d_vocab, d_model] table to allocate).
-    p = SAEParams.from_dict({**sae.params.__dict__, "extra": {}, "tokenized": False, "d_vocab": 0, "lookup_rows": 0})
+    p = SAEParams.from_dict({**sae.params.__dict__, "extra": {}, "tokenized": False, "d_vocab": 0, "lookup_rows": 0,
+                                "lookup_ngram": 1})
     return initial_sae(p, seed).W_dec.detach().float()
