@@ -166,3 +166,67 @@ def test_stitch_pairs_keep_lookup_orders_apart():
     saes = {"u-small": sae(4, 1), "u": sae(16, 1), "b": sae(16, 2)}
     assert stitch_pairs(saes) == [("u-small", "u")]
     assert sorted(stitch_pairs({**saes, "b-small": sae(4, 2)})) == [("b-small", "b"), ("u-small", "u")]
+
+
+@pytest.mark.parametrize("tiny_cache", ["tiny-gpt2"], indirect=True)
+def test_analyze_a_folder_with_a_bigram_lookup_sae(tiny_cache, tmp_path):
+    """Plain, unigram- and bigram-lookup SAEs (initialised from data, not trained) saved as train would, with
+    eval.json measured here; the analyze stage gives the n-gram sections, families and results."""
+    import dataclasses
+
+    from pipeline.analysis.reconstruction import token_errors
+    from pipeline.evaluation import load_cache_model
+    from pipeline.models import ngram_activations
+    from pipeline.ngram import count_ngrams as count_lookup_ngrams
+    from pipeline.ngram import split_keys
+    from pipeline.reader import chunk_rows, load_tokens, split_chunks
+    from stages import analyze
+
+    cfg, cache = tiny_cache
+    analyses = ["mse_by_freq", "unigram_features", "frontiers", "matching", "stitching"]
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "saes")),
+                              analyze=dataclasses.replace(cfg.analyze, out_dir=str(tmp_path / "analysis"),
+                                                          analyses=analyses, eval_tokens=600, stitching_tokens=300))
+    hook = cache.hooks[0]
+    V, d, bos = int(cache.meta["d_vocab"]), int(cache.meta["d_model"]), int(cache.meta["bos_token_id"])
+    train_chunks, held = split_chunks(cache, cfg.train.holdout_frac, cfg.train.seed)
+    x, ids = load_tokens(cache, hook, train_chunks, 2000, True)
+    ctx = B.heldout_contexts(cache, train_chunks, len(ids), True, bos)
+    rows = np.concatenate([cache.tokens(*chunk_rows(cache, c)) for c in train_chunks])
+    keys, _ = count_lookup_ngrams(rows, 2, V, bos)
+    lm = load_cache_model(cache, "cpu")
+    acts = ngram_activations(lm, [hook], split_keys(keys[:64], 2, V), progress=False)[hook]
+    unigram, counts = cache.unigram(hook), torch.bincount(ids, minlength=V)
+    hx, hids = load_tokens(cache, hook, held, cfg.analyze.eval_tokens, True)
+    hctx = B.heldout_contexts(cache, held, len(hids), True, bos)
+    for name, d_sae, tok, order in (("topk", 64, False, 1), ("topk-tok", 64, True, 1),
+                                    ("topk-tok2", 64, True, 2), ("topk-tok2-small", 16, True, 2)):
+        torch.manual_seed(0)
+        p = SAEParams(architecture="topk", d_model=d, d_sae=d_sae, k=4, tokenized=tok, d_vocab=V if tok else 0,
+                      lookup_ngram=order, lookup_rows_2=64 if order > 1 else 0, bos_token_id=bos, hook=hook,
+                      model=cache.meta["model"], extra={"heldout_chunks": held, "train": {"seed": 0, "alpha": 0.5}})
+        sae = ARCHITECTURES["topk"](p).eval()
+        sae.init_from_data(x, ctx if order > 1 else ids, unigram, 0.5, token_counts=counts,
+                           ngram_acts={2: (keys[:64], acts)} if order > 1 else None)
+        sae.save(tmp_path / "saes" / name)
+        e = token_errors(sae, hx, B.sae_tokens(sae, hids, hctx))
+        var = float((hx - hx.mean(0)).pow(2).sum(-1).mean())
+        ev = {"name": name, "architecture": "topk", "tokenized": tok, "d_sae": d_sae, "k": 4, "seed": 0,
+              "nmse": float(e.mse.mean() / var), "l0": float(e.l0.mean())}
+        (tmp_path / "saes" / name / "eval.json").write_text(json.dumps(ev))
+    out = analyze.run(cfg)
+    res = json.loads((tmp_path / "analysis" / "results.json").read_text())
+    assert {"mse_by_bigram", "bigram_features"} <= set(res)
+    mb = res["mse_by_bigram"]
+    assert mb["lookup"]["topk-tok2"] == "bigram" and 0 < mb["bigram_table_coverage"]["topk-tok2"] <= 1
+    n_held = min(len(hids), cfg.analyze.eval_tokens)
+    for name in ("topk", "topk-tok", "topk-tok2"):
+        assert mb["no_bigram"]["nmse"][name]["n"] + mb["unseen_in_training"]["nmse"][name]["n"] + sum(
+            r["n"] for r in mb["bins"][name]) == n_held
+    bf = res["bigram_features"]
+    assert bf["n_bigrams"] > 0 and set(bf["fraction"]) == {"topk", "topk-tok", "topk-tok2", "topk-tok2-small"}
+    assert res["frontiers"]["pareto_nmse"].keys() == {"topk", "topk tokenized", "topk tokenized + bigram lookup"}
+    assert "topk-tok2-small → topk-tok2" in res["stitching"]
+    md = open(out["report"]).read()
+    assert "Reconstruction MSE and L0 by bigram frequency" in md and "Bigram-activation feature counts" in md
+    assert (tmp_path / "analysis" / "mse_by_bigram_frequency.png").is_file()
