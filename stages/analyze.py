@@ -3,7 +3,14 @@
 Each analysis is one function ``section_<key>(ctx) -> Section`` registered in :data:`SECTIONS`; it
 reads what it needs from the shared :class:`Context` (cache, SAEs, held-out tokens and their
 per-token errors, computed once) and returns its tables, figures (each with a one-line caption) and
-machine-readable results. ``analyze.analyses`` selects and orders them. Outputs:
+machine-readable results. ``analyze.analyses`` selects and orders them; the sections of :data:`COMPANIONS` (the
+n-gram-lookup analyses) run right after the analysis they extend.
+
+Tokens: an SAE with an n-gram lookup (``lookup_ngram`` 2 / 3) is given each held-out token's context int64 [n, 3]
+(:meth:`Context.sae_tokens`, built from the held-out sequences with :func:`pipeline.ngram.context`, BOS positions
+dropped as the ids are) wherever the others get ids: per-token errors (and through them every section that reads
+:attr:`Context.errors`) and stitching's β(t) = b_dec + lookup. Sections that only encode (features, positions,
+suffix lengths, browser, matching, meta-SAE) need no tokens: latents do not depend on the lookup. Outputs:
 ``<analyze.out_dir>/{report.md, report.html, results.json, *.csv, *.png, browser/}``.
 """
 
@@ -151,25 +158,42 @@ class Context:
                              "the cache the SAEs were trained on")
         return x, t
 
-    @cached_property
-    def heldout_prev(self) -> np.ndarray:
-        """int64 [n]: the token before each held-out token (same order as :attr:`heldout`)."""
-        from pipeline.reader import chunk_rows
+    @property
+    def bos_token_id(self) -> int | None:
+        """The cache's BOS id (``meta["bos_token_id"]``), None when it records none (< 0 or absent)."""
+        b = self.cache.meta.get("bos_token_id")
+        return int(b) if b is not None and int(b) >= 0 else None
 
-        drop = 1 if self.cfg.train.exclude_bos and self.cache.meta["prepend_bos"] else 0
-        prev, n = [], len(self.heldout[1])
-        got = 0
-        for c in self.held_chunks:
-            a, b = chunk_rows(self.cache, c)
-            if b <= a:
-                continue
-            toks = self.cache.tokens(a, b).astype(np.int64)
-            p = np.concatenate([np.full((len(toks), 1), -1), toks[:, :-1]], axis=1)[:, drop:]
-            prev.append(p.reshape(-1))
-            got += p.size
-            if got >= n:
-                break
-        return np.concatenate(prev)[:n]
+    def heldout_context(self, bos_token_id: int | None = -1) -> torch.Tensor:
+        """int64 [n, 3] on the CPU: each held-out token's context (t₋₂, t₋₁, t), −1 = none
+        (:func:`pipeline.analysis.bigrams.heldout_contexts`: BOS positions dropped as for :attr:`heldout`, no n-gram
+        crossing a sequence start or ``bos_token_id``; default −1: the cache's BOS, :attr:`bos_token_id`). Cached per
+        BOS id. Raises CacheError when its last column differs from the held-out ids (the two reads disagree)."""
+        from pipeline.analysis.bigrams import heldout_contexts
+
+        bos = self.bos_token_id if bos_token_id == -1 else bos_token_id
+        key = f"_heldout_context_{bos}"
+        if key not in self.__dict__:
+            t = self.heldout[1].cpu()
+            c = heldout_contexts(self.cache, [ch for ch in self.held_chunks if ch < n_chunks(self.cache)], len(t),
+                                 self.cfg.train.exclude_bos, bos)
+            if len(c) != len(t) or not torch.equal(c[:, -1], t):
+                raise CacheError(f"cache {self.cache.path}: the held-out contexts do not line up with the held-out "
+                                 "tokens")
+            self.__dict__[key] = c
+        return self.__dict__[key]
+
+    def sae_tokens(self, name: str) -> torch.Tensor:
+        """What SAE ``name`` takes as the held-out tokens: ids int64 [n] (plain or unigram lookup), or for an n-gram
+        lookup (``lookup_ngram`` > 1) each token's context int64 [n, 3] built with the SAE's own
+        ``params.bos_token_id`` (as :meth:`pipeline.saes.base.SAE.reconstruct` builds it), on :attr:`device`."""
+        from pipeline.analysis.bigrams import sae_tokens
+
+        s, t = self.saes[name], self.heldout[1]
+        if int(getattr(s.params, "lookup_ngram", 1) or 1) <= 1:
+            return t
+        b = int(s.params.bos_token_id)
+        return sae_tokens(s, t, self.heldout_context(b if b >= 0 else None))
 
     @cached_property
     def var_per_token(self) -> float:
@@ -178,11 +202,13 @@ class Context:
 
     @cached_property
     def errors(self) -> dict:
-        """{name: :class:`pipeline.analysis.reconstruction.TokenErrors`} on the held-out tokens."""
+        """{name: :class:`pipeline.analysis.reconstruction.TokenErrors`} on the held-out tokens (each SAE given the
+        tokens it takes: :meth:`sae_tokens`, contexts for an n-gram lookup)."""
         from pipeline.analysis.reconstruction import token_errors
 
-        x, t = self.heldout
-        return {n: token_errors(s, x, t) for n, s in tqdm(self.saes.items(), desc="encode held-out", leave=False)}
+        x, _ = self.heldout
+        return {n: token_errors(s, x, self.sae_tokens(n))
+                for n, s in tqdm(self.saes.items(), desc="encode held-out", leave=False)}
 
     @cached_property
     def unigram(self) -> torch.Tensor:
@@ -292,31 +318,91 @@ def section_mse_by_freq(ctx: Context) -> Section:
                     table_rows)]
     data: dict[str, Any] = {"normaliser_per_token_variance": var, "counts": "training split, BOS position excluded",
                             "bins": mse_rows, "l0_bins": l0_rows, "unseen_in_training": unseen}
-    try:
-        from pipeline.analysis.reconstruction import bigram_frequency
-
-        bfreq = bigram_frequency(ctx.train_bigrams, ctx.heldout_prev, t.cpu().numpy())
-        valid = bfreq > 0
-        bedges = frequency_bins(np.maximum(bfreq[valid], 1), ctx.cfg.analyze.n_freq_bins)
-        bi_rows = {n: by_frequency(e.mse[valid] / var, bfreq[valid], bedges) for n, e in ctx.errors.items()}
-        f3 = plots.plot_by_frequency(bi_rows, "per-token MSE / mean per-token variance",
-                                     "reconstruction error by bigram frequency",
-                                     ctx.out / "mse_by_bigram_frequency.png",
-                                     "(previous, current) bigram count in the training split")
-        figures.append(Figure(f3, "Per-token reconstruction error by the count of the (previous, current) bigram "
-                                  "in the training split (paper App. C.5); bigrams never seen in training are left "
-                                  "out."))
-        data["bigram_bins"] = bi_rows
-        data["bigram_unseen_tokens"] = int((~valid).sum())
-    except ImportError:
-        pass
-    return Section("mse_by_freq", "Reconstruction MSE and L0 by token frequency (Tokenized SAEs, Fig. 2–3, App. C.5)",
+    return Section("mse_by_freq", "Reconstruction MSE and L0 by token frequency (Tokenized SAEs, Fig. 2–3)",
                    [f"Per-token ‖x − x̂‖² divided by the held-out mean per-token variance ({len(x):,} held-out "
-                    "tokens), binned by the token's (or bigram's) count in the training split — the chunks the "
-                    "SAEs were trained on, held-out chunks never counted, the BOS position (0) excluded; bigrams "
-                    f"are (previous, current) pairs for every training position after the BOS. {n_unseen:,} held-out "
-                    "tokens never occur in training: they are reported on their own row, not in the lowest bin."],
+                    "tokens), binned by the token's count in the training split — the chunks the SAEs were "
+                    "trained on, held-out chunks never counted, the BOS position (0) excluded. "
+                    f"{n_unseen:,} held-out tokens never occur in training: they are reported on their own row, not "
+                    "in the lowest bin. The same by bigram count follows in the next section."],
                    tables, figures, data)
+
+
+def _lookup_label(sae: SAE) -> str:
+    """"plain", "unigram", "bigram" or "trigram": the SAE's lookup (highest order)."""
+    if not sae.params.tokenized:
+        return "plain"
+    return {1: "unigram", 2: "bigram", 3: "trigram"}[int(getattr(sae.params, "lookup_ngram", 1) or 1)]
+
+
+def _mean_sem(r: dict, fmt: str = ".4f") -> str:
+    return "–" if not r.get("n") else f"{r['mean']:{fmt}} ± {r['sem']:{fmt}}"
+
+
+def section_mse_by_bigram(ctx: Context) -> Section:
+    """NMSE and L0 of held-out tokens by the training count of the bigram (t₋₁, t) ending at them
+    (pipeline/analysis/bigrams.py): plain, unigram-lookup and n-gram-lookup SAEs side by side."""
+    from pipeline.analysis import bigrams as B
+
+    x, _ = ctx.heldout
+    counts = B.heldout_bigram_counts(ctx.train_bigrams, ctx.heldout_context())
+    var, nb = ctx.var_per_token, ctx.cfg.analyze.n_freq_bins
+    nmse = B.by_bigram_frequency({n: e.mse / var for n, e in ctx.errors.items()}, counts, nb)
+    l0 = B.by_bigram_frequency({n: e.l0 for n, e in ctx.errors.items()}, counts, nb)
+    coverage = {}
+    for n, s in ctx.saes.items():
+        if 2 in s.ngram_tables():
+            rows = s.ngram_rows(ctx.sae_tokens(n).to(s.W_dec.device), 2)
+            coverage[n] = float((rows < s.ngram_rows_count(2)).float().mean())
+    xlabel = "(t₋₁, t) bigram count in the training split"
+    f1 = plots.plot_by_frequency(nmse.bins, "per-token MSE / mean per-token variance",
+                                 "reconstruction error by bigram frequency", ctx.out / "mse_by_bigram_frequency.png",
+                                 xlabel)
+    f2 = plots.plot_by_frequency(l0.bins, "active latents (L0)", "active latents by bigram frequency",
+                                 ctx.out / "l0_by_bigram_frequency.png", xlabel)
+    _write_csv(ctx.out / "mse_by_bigram_frequency.csv",
+               [{**r, "statistic": "nmse"} for r in nmse.rows()] + [{**r, "statistic": "l0"} for r in l0.rows()])
+    names = list(nmse.bins)
+    first = nmse.bins[names[0]]
+    n_none, n_zero = int((counts < 0).sum()), int((counts == 0).sum())
+
+    def table(res: B.BigramBins, what: str, fmt: str) -> Table:
+        head = [["no bigram (sequence start / after BOS)", f"{n_none:,}", *[_mean_sem(res.no_bigram[n], fmt)
+                                                                           for n in names]],
+                ["0 (never in training)", f"{n_zero:,}", *[_mean_sem(res.unseen[n], fmt) for n in names]]]
+        body = [[f"{r['lo']:.0f}–{r['hi']:.0f}", f"{r['n']:,}", *[_mean_sem(res.bins[n][i], fmt) for n in names]]
+                for i, r in enumerate(first)]
+        return Table(f"{what} by the bigram's count in the training split (mean ± standard error)",
+                     ["bigram count", "tokens", *[f"{n} ({_lookup_label(ctx.saes[n])})" for n in names]],
+                     [h for h in head if h[1] != "0"] + body)
+
+    tables = [table(nmse, "MSE / variance", ".4f"), table(l0, "L0", ".2f")]
+    if coverage:
+        tables.append(Table("Held-out tokens whose bigram has a row in the SAE's bigram table",
+                            ["SAE", "lookup", "bigram rows", "held-out tokens covered"],
+                            [[n, _lookup_label(ctx.saes[n]), f"{ctx.saes[n].ngram_rows_count(2):,}", _pct(c)]
+                             for n, c in coverage.items()]))
+    data = {"normaliser_per_token_variance": var,
+            "counts": "training split (held-out chunks never counted); a position whose (t₋₁, t) would cross a "
+                      "sequence start or a BOS has no bigram", "edges": nmse.edges, "bins": nmse.bins,
+            "l0_bins": l0.bins, "no_bigram": {"nmse": nmse.no_bigram, "l0": l0.no_bigram},
+            "unseen_in_training": {"nmse": nmse.unseen, "l0": l0.unseen}, "n_no_bigram": n_none,
+            "n_unseen": n_zero, "lookup": {n: _lookup_label(s) for n, s in ctx.saes.items()},
+            "bigram_table_coverage": coverage}
+    return Section("mse_by_bigram", "Reconstruction MSE and L0 by bigram frequency (Tokenized SAEs, App. C.5; "
+                   "n-gram lookup)",
+                   [f"Each of the {len(x):,} held-out tokens is binned by the count, in the training split, of the "
+                    "bigram (t₋₁, t) ending at it (held-out chunks never counted). A position whose bigram would "
+                    "cross a sequence start or a BOS (t₋₁ missing, as in the n-gram lookup's contexts, "
+                    f"`pipeline.ngram.context`) has no bigram: {n_none:,} tokens, on their own row. {n_zero:,} "
+                    "held-out tokens end a bigram never seen in training: their own row, not the lowest bin. "
+                    "Per-token ‖x − x̂‖² / held-out mean per-token variance, and L0; each SAE is given the tokens "
+                    "it takes (an n-gram-lookup SAE each token's context). Intervals: standard error of the mean "
+                    "per bin."],
+                   tables, [Figure(f1, "Per-token reconstruction error by the training count of the token's "
+                                       "bigram (t₋₁, t): a bigram lookup should flatten the curve at frequent "
+                                       "bigrams (dotted: bigram lookup, dashed: unigram lookup, solid: plain)."),
+                            Figure(f2, "Active latents per token by bigram frequency: latents a bigram table "
+                                       "frees show as a lower L0 at frequent bigrams.")], data)
 
 
 def _unseen_row(mse: np.ndarray, l0: np.ndarray) -> dict:
@@ -343,7 +429,8 @@ def section_unigram_features(ctx: Context) -> Section:
             counts[n] = u.counts[u.live]
         frac, lo, hi = u.fraction_at(thr)
         live_counts = u.counts[u.live]
-        rows.append({"sae": n, "tokenized": s.params.tokenized, "d_sae": s.params.d_sae, "live_latents": u.n_live,
+        rows.append({"sae": n, "tokenized": s.params.tokenized, "lookup": _lookup_label(s), "d_sae": s.params.d_sae,
+                     "live_latents": u.n_live,
                      "dead_latents": u.n_dead, "dead_latents_unigram_positive": u.dead_unigram_positive,
                      "fraction_latents_activated_by_a_unigram": frac, "ci_low": lo, "ci_high": hi,
                      "mean_unigrams_per_live_latent": float(live_counts.mean()) if len(live_counts) else math.nan,
@@ -390,6 +477,95 @@ def section_unigram_features(ctx: Context) -> Section:
                     "fraction": {r["sae"]: r["fraction_latents_activated_by_a_unigram"] for r in rows}})
 
 
+def section_bigram_features(ctx: Context) -> Section:
+    """Share of live latents activated by a bigram input [BOS, t₋₁, t] (pipeline/analysis/bigrams.py), per SAE,
+    with the unigram section's threshold, live-latent rule, Wilson intervals and sweep."""
+    from pipeline.analysis import bigrams as B
+    from pipeline.analysis import unigram_features as U
+    from pipeline.models import ngram_activations
+
+    a = ctx.cfg.analyze
+    mode, thr = a.unigram_threshold_mode, a.unigram_threshold
+    grid = sorted(set(a.unigram_threshold_sweep or U.DEFAULT_SWEEP[mode]) | {thr})
+    title = "Bigram-activation feature counts (n-gram lookup; Tokenized SAEs, Sec. 3.2, 7)"
+    bg = ctx.train_bigrams
+    grams, counts = B.top_bigrams(bg, B.N_TOP_BIGRAMS, ctx.bos_token_id)
+    if not len(grams):
+        return Section("bigram_features", title, ["The training split has no bigram."])
+    with ctx.lm_autocast():
+        acts = ngram_activations(ctx.lm, [ctx.hook], torch.from_numpy(grams), progress=False)[ctx.hook]
+    share = float(counts.sum() / max(bg.total, 1))
+    rows, sweeps, hist, tops = [], {}, {}, {}
+    for n, s in ctx.saes.items():
+        max_act = ctx.errors[n].max_act
+        b = B.bigram_feature_counts(s, acts, max_act, thr, mode=mode)
+        u = U.unigram_feature_counts(s, ctx.unigram, max_act, thr, mode=mode)
+        frac, lo, hi = b.fraction_at(thr)
+        only, olo, ohi, k_only = B.only_fraction(b.activated(), u.activated(), b.live)
+        live_counts = b.counts[b.live]
+        rows.append({"sae": n, "lookup": _lookup_label(s), "d_sae": s.params.d_sae, "live_latents": b.n_live,
+                     "fraction_latents_activated_by_a_bigram": frac, "ci_low": lo, "ci_high": hi,
+                     "fraction_bigram_not_unigram": only, "only_ci_low": olo, "only_ci_high": ohi,
+                     "latents_bigram_not_unigram": k_only,
+                     "fraction_latents_activated_by_a_unigram": u.fraction_at(thr)[0],
+                     "mean_bigrams_per_live_latent": float(live_counts.mean()) if len(live_counts) else math.nan})
+        sweeps[n] = b.sweep(grid)
+        if b.n_live:
+            hist[n] = live_counts
+        act = b.activated()
+        strongest = np.argsort(-np.where(act, b.best, -np.inf))[:5]
+        tops[n] = [{"latent": int(i), "bigram": [int(v) for v in grams[b.top_unigram[i]]],
+                    "text": " ".join(repr(ctx.decode(v)) for v in grams[b.top_unigram[i]]),
+                    "activation": float(b.best[i]), "inputs_activating": int(b.counts[i])}
+                   for i in strongest if act[i] and b.top_unigram[i] >= 0]
+        np.save(ctx.out / f"bigram_counts_{n}.npy", b.counts)
+    fig = plots.plot_unigram_counts(hist, ctx.out / "bigram_feature_counts.png", what="bigram")
+    fig2 = U.plot_threshold_sweep(sweeps, ctx.out / "bigram_threshold_sweep.png", chosen=thr, what="bigram")
+    _write_csv(ctx.out / "bigram_features.csv", rows)
+    _write_csv(ctx.out / "bigram_threshold_sweep.csv", [{"sae": n, **r} for n, rs in sweeps.items() for r in rs])
+    table = Table(f"Live latents activated by one of the {len(grams):,} most frequent training bigrams (95% Wilson "
+                  "interval)",
+                  ["SAE", "lookup", "d_sae", "live latents", "bigram features among live", "95% interval",
+                   "bigram but no unigram", "95% interval", "unigram features among live",
+                   "mean bigrams / live latent"],
+                  [[r["sae"], r["lookup"], r["d_sae"], f"{r['live_latents']:,}",
+                    _pct(r["fraction_latents_activated_by_a_bigram"]), f"{_pct(r['ci_low'])}–{_pct(r['ci_high'])}",
+                    _pct(r["fraction_bigram_not_unigram"]), f"{_pct(r['only_ci_low'])}–{_pct(r['only_ci_high'])}",
+                    _pct(r["fraction_latents_activated_by_a_unigram"]), _fmt(r["mean_bigrams_per_live_latent"])]
+                   for r in rows])
+    sweep_table = Table(f"Bigram features among live latents by threshold ({mode})", ["SAE", *[f"{t:g}" for t in grid]],
+                        [[n, *[f"{_pct(r['fraction'])} [{_pct(r['ci_low'])}–{_pct(r['ci_high'])}]" for r in rs]]
+                         for n, rs in sweeps.items()])
+    ex_rows = [[n, e["latent"], e["text"], f"{e['activation']:.3g}", e["inputs_activating"]]
+               for n, es in tops.items() for e in es[:3]]
+    tables = [table, sweep_table]
+    if ex_rows:
+        tables.append(Table("Strongest bigram features (their top bigram input)",
+                            ["SAE", "latent", "bigram", "activation", "bigram inputs activating it"], ex_rows))
+    definition = U.describe_threshold(thr, mode).replace("u_t", "b_(t₋₁,t)")
+    return Section("bigram_features", title,
+                   [f"The {len(grams):,} most frequent bigrams (t₋₁, t) of the training split (held-out chunks never "
+                    f"counted; none starting with a BOS), {share:.1%} of its bigram occurrences, are run through the "
+                    "cache's model as `[BOS, t₋₁, t]` (`pipeline.models.ngram_activations`) and the activation "
+                    f"b_(t₋₁,t) at `{ctx.hook}` (last position) is encoded; the bigram activates latent i when "
+                    f"{definition}. Live latents only, as in the unigram section; interval: {U.INTERVAL_METHOD}. "
+                    "“Bigram but no unigram”: live latents some bigram input activates and no `[BOS, t]` unigram "
+                    "input does — the latents a bigram table could take over.",
+                    "The latent activations do not depend on the lookup: `encode` takes no tokens and the lookup "
+                    "(unigram or n-gram) is only added to the reconstruction, so no context (the bigram's would be "
+                    "[NONE, t₋₁, t]) is needed here; what differs between the SAEs is the encoder each learned "
+                    "next to its lookup."],
+                   tables,
+                   [Figure(fig, "How many of the bigram inputs activate each live latent, per SAE."),
+                    Figure(fig2, "Fraction of live latents activated by at least one bigram input against the "
+                                 "threshold, with 95% Wilson bands (dotted vertical line: the report's threshold).")],
+                   {"threshold": thr, "mode": mode, "definition": definition, "interval_method": U.INTERVAL_METHOD,
+                    "n_bigrams": int(len(grams)), "share_of_training_bigrams": share, "rows": rows,
+                    "sweep": sweeps, "examples": tops,
+                    "fraction": {r["sae"]: r["fraction_latents_activated_by_a_bigram"] for r in rows},
+                    "fraction_bigram_not_unigram": {r["sae"]: r["fraction_bigram_not_unigram"] for r in rows}})
+
+
 def _paired_intervals(ctx: Context, pairs: list[tuple[str, str]]) -> list[dict]:
     """Paired tokenized − plain intervals of twin ``pairs`` from the per-sequence sums ``train`` saved next to
     each SAE (none for SAEs trained before those files existed)."""
@@ -430,6 +606,18 @@ def section_frontiers(ctx: Context) -> Section:
                               format_ci(p.get("l0_diff"), p.get("l0_diff_ci95"), "+.1f"),
                               format_ci(p.get("ce_added_diff"), p.get("ce_added_diff_ci95"), "+.4f")] for p in paired]))
         data["paired"] = paired
+    lookup_paired = _paired_intervals(ctx, F.lookup_twins(results))
+    if lookup_paired:
+        tables.append(Table("Higher − lower lookup order (bigram − unigram, trigram − bigram; paired 95% CI: the "
+                            "same held-out sequences, paired bootstrap)",
+                            ["lower order", "higher order", "ΔNMSE", "ΔL0", "ΔCE added"],
+                            [[p["plain"], p["tokenized"],
+                              format_ci(p.get("nmse_diff"), p.get("nmse_diff_ci95"), "+.4f"),
+                              format_ci(p.get("l0_diff"), p.get("l0_diff_ci95"), "+.1f"),
+                              format_ci(p.get("ce_added_diff"), p.get("ce_added_diff_ci95"), "+.4f")]
+                             for p in lookup_paired]))
+        data["paired_lookup_order"] = [{"lower": p.pop("plain"), "higher": p.pop("tokenized"), **p}
+                                       for p in lookup_paired]
     conv_rows = []
     for key, label in (("heldout_nmse", "NMSE"), ("heldout_ce_added", "CE added")):
         convs = [c for p, t in pairs if (c := F.convergence(p, t, ctx.logs, key)) is not None]
@@ -456,18 +644,24 @@ def section_frontiers(ctx: Context) -> Section:
                                    s.params.lookup_rows)
     if drifts:
         path = F.plot_lookup_drift(drifts, ctx.out / "lookup_drift.png")
-        figs.append(Figure(path, "Cosine between each trained lookup row and its unigram initialisation, for tokens "
-                                 "seen in training (count > 0 in the training split, BOS position excluded): how "
-                                 "much the lookup moved away from a unigram table."))
+        figs.append(Figure(path, "Cosine between each trained unigram lookup row and its unigram initialisation, for "
+                                 "tokens seen in training (count > 0 in the training split, BOS position excluded): "
+                                 "how much the lookup moved away from a unigram table (an n-gram SAE's unigram table "
+                                 "only)."))
         summ = {n: d.summary() for n, d in drifts.items()}
-        tables.append(Table("Trained lookup vs α·unigram initialisation",
+        tables.append(Table("Trained unigram lookup W_lookup vs α·unigram initialisation (bigram / trigram tables "
+                            "not compared)",
                             ["SAE", "α", "rows", "seen", "mean cos (seen)", "median rel. change (seen)"],
                             [[n, s["alpha"], s["rows"], s["seen"], f"{s['mean_cos_seen']:.3f}",
                               f"{s['median_rel_change_seen']:.3f}"] for n, s in summ.items()]))
         data["lookup_drift"] = summ
     return Section("frontiers", "Pareto frontiers, convergence speed-up, lookup drift (Tokenized SAEs, Sec. 4.3, "
                    "Fig. 7–8)", ["From each SAE's `eval.json` and `metrics.jsonl` (held-out metrics logged during "
-                                 "training)."], tables, figs, data)
+                                 "training). Families: architecture × variant — plain, tokenized (unigram lookup, the "
+                                 "paper's) and tokenized + bigram / trigram lookup (`lookup_ngram` 2 / 3), each its "
+                                 "own front. Twins agree on architecture, d_sae, k / λ and seed; paired intervals "
+                                 "need the per-sequence sums `train` saves next to each SAE. The lookup drift "
+                                 "compares the unigram table only (for an n-gram SAE too)."], tables, figs, data)
 
 
 def section_dead_cosine(ctx: Context) -> Section:
@@ -624,8 +818,9 @@ def section_browser(ctx: Context) -> Section:
 
 
 def seed_pairs(evals: dict[str, dict]) -> list[tuple[str, str]]:
-    """Pairs of SAEs that differ only in their seed (same architecture, tokenized, d_sae, k / λ)."""
-    key = lambda r: (r["architecture"], r["tokenized"], r["d_sae"], r.get("k"), r.get("sparsity_coeff"))
+    """Pairs of SAEs that differ only in their seed (same architecture, tokenized, lookup order, d_sae, k / λ)."""
+    key = lambda r: (r["architecture"], r["tokenized"], r.get("lookup_ngram") or 1, r["d_sae"], r.get("k"),
+                     r.get("sparsity_coeff"))
     names = sorted(evals)
     return [(a, b) for i, a in enumerate(names) for b in names[i + 1:]
             if key(evals[a]) == key(evals[b]) and evals[a].get("seed") != evals[b].get("seed")]
@@ -747,11 +942,12 @@ def section_positions(ctx: Context) -> Section:
 
 
 def stitch_pairs(saes: dict[str, SAE]) -> list[tuple[str, str]]:
-    """(smaller, larger) SAE pairs for stitching: per (architecture, tokenized, k) the smallest and the largest
-    dictionary, when they differ in d_sae."""
+    """(smaller, larger) SAE pairs for stitching: per (architecture, tokenized, lookup order, k) the smallest and the
+    largest dictionary, when they differ in d_sae."""
     groups: dict[tuple, list[str]] = {}
     for n, s in saes.items():
-        groups.setdefault((s.params.architecture, s.params.tokenized, s.params.k), []).append(n)
+        order = int(getattr(s.params, "lookup_ngram", 1) or 1)
+        groups.setdefault((s.params.architecture, s.params.tokenized, order, s.params.k), []).append(n)
     pairs = []
     for names in groups.values():
         names = sorted(names, key=lambda n: (saes[n].params.d_sae, n))
@@ -773,12 +969,15 @@ def section_stitching(ctx: Context) -> Section:
     if not pairs:
         return Section("stitching", title, ["No two SAEs of the same architecture, tokenization and k with different "
                                             "d_sae: train a smaller and a larger dictionary to stitch them."])
-    x, t = ctx.heldout
+    x, ids = ctx.heldout
     n = min(len(x), a.stitching_tokens)
-    x, t = x[:n], t[:n]
+    x = x[:n]
     effects, curves, rows, data, shared, unknown = {}, {}, [], {}, [], []
     for small, large in tqdm(pairs, desc="stitching", leave=False):
         s0, s1 = ctx.saes[small], ctx.saes[large]
+        # β(t) = b_dec + lookup: an n-gram SAE's takes the context (the other SAE reads its last column)
+        ngram = [m for m in (large, small) if int(getattr(ctx.saes[m].params, "lookup_ngram", 1) or 1) > 1]
+        t = (ctx.sae_tokens(ngram[0]) if ngram else ids)[:n]
         graph = St.stitch_graph(s0, s1, a.stitching_threshold)
         key = f"{small} → {large}"
         effects[key] = St.latent_effects(s0, s1, x, t, graph=graph)
@@ -923,7 +1122,10 @@ def sae_summary_table(evals: dict[str, dict]) -> Table:
                 continue
             any_ci |= ci is not None
             cells.append(fmt.format(v) + ("" if ci is None else f" [{fmt.format(ci[0])}, {fmt.format(ci[1])}]"))
-        rows.append([n, ev.get("architecture", ""), "yes" if ev.get("tokenized") else "no", ev.get("d_sae", ""), *cells])
+        order = int(ev.get("lookup_ngram") or 1)
+        tok = ("yes" + (f" ({'bigram' if order == 2 else 'trigram'} lookup)" if order > 1 else "")
+               if ev.get("tokenized") else "no")
+        rows.append([n, ev.get("architecture", ""), tok, ev.get("d_sae", ""), *cells])
     title = "Held-out metrics of every SAE" + (" (value [95% interval])" if any_ci else "")
     return Table(title, ["SAE", "architecture", "tokenized", "d_sae", *[c for _, c, _ in SUMMARY_METRICS]], rows)
 
@@ -933,11 +1135,16 @@ def _median(vals) -> float:
     return float(np.median(v)) if v else math.nan
 
 
+def _variant(sae: SAE) -> int:
+    """0 plain, else the lookup order (1 unigram: the paper's tokenized SAE, 2 bigram, 3 trigram)."""
+    return int(getattr(sae.params, "lookup_ngram", 1) or 1) if sae.params.tokenized else 0
+
+
 def _by_variant(ctx: Context, values: dict[str, Any], fmt: str = "{:.1%}") -> str:
-    """"plain a, tokenized b" (medians over SAEs of each variant; just the value when one SAE)."""
+    """"plain a, tokenized b, bigram lookup c" (medians over SAEs of each variant; just the value when one SAE)."""
     parts = []
-    for tok, label in ((False, "plain"), (True, "tokenized")):
-        v = [x for n, x in values.items() if n in ctx.saes and bool(ctx.saes[n].params.tokenized) == tok]
+    for var, label in ((0, "plain"), (1, "tokenized"), (2, "bigram lookup"), (3, "trigram lookup")):
+        v = [x for n, x in values.items() if n in ctx.saes and _variant(ctx.saes[n]) == var]
         if not v:
             continue
         m = _median(v)
@@ -959,6 +1166,18 @@ def _h_mse_by_freq(ctx, d):
 
 def _h_unigram_features(ctx, d):
     return f"Latents activated by at least one unigram: {_by_variant(ctx, d['fraction'])}."
+
+
+def _h_mse_by_bigram(ctx, d):
+    ratio = {n: rows[0]["mean"] / rows[-1]["mean"] for n, rows in d["bins"].items() if rows and rows[-1]["mean"]}
+    return ("Per-token error at the rarest training bigrams ÷ the most frequent ones: "
+            f"{_by_variant(ctx, ratio, '{:.2f}×')}.")
+
+
+def _h_bigram_features(ctx, d):
+    return (f"Live latents activated by one of the {d['n_bigrams']:,} most frequent bigrams: "
+            f"{_by_variant(ctx, d['fraction'])}; by a bigram but no unigram: "
+            f"{_by_variant(ctx, d['fraction_bigram_not_unigram'])}.")
 
 
 def _h_dead_cosine(ctx, d):
@@ -1035,6 +1254,7 @@ def _h_browser(ctx, d):
 
 HEADLINES: dict[str, Callable[[Context, dict], str]] = {
     "ngrams": _h_ngrams, "mse_by_freq": _h_mse_by_freq, "unigram_features": _h_unigram_features,
+    "mse_by_bigram": _h_mse_by_bigram, "bigram_features": _h_bigram_features,
     "dead_cosine": _h_dead_cosine, "unigram_cosine": _h_unigram_cosine, "suffix_length": _h_suffix_length,
     "final_token": _h_final_token, "frontiers": _h_frontiers, "matching": _h_matching, "positions": _h_positions,
     "stitching": _h_stitching, "meta_sae": _h_meta_sae, "browser": _h_browser,
@@ -1090,6 +1310,13 @@ SECTIONS: dict[str, Callable[[Context], Section]] = {
     "browser": section_browser,
 }
 """Analysis key (``analyze.analyses``) → section function, in report order."""
+
+COMPANIONS: dict[str, dict[str, Callable[[Context], Section]]] = {
+    "mse_by_freq": {"mse_by_bigram": section_mse_by_bigram},
+    "unigram_features": {"bigram_features": section_bigram_features},
+}
+"""Sections that run right after an analysis of :data:`SECTIONS` when it is selected (the n-gram-lookup analyses:
+their own section, key and results.json entry, selected with the unigram analysis they extend)."""
 
 NEEDS_SAES = set(SECTIONS) - {"ngrams"}
 
@@ -1163,9 +1390,11 @@ def run(cfg: Config, scheduler: str | None = None, allow_other_cache: bool = Fal
         ev = dirs[n] / "eval.json"
         if ev.is_file():
             evals[n] = json.loads(ev.read_text())
+            evals[n].setdefault("lookup_ngram", int(saes[n].params.lookup_ngram) if saes[n].params.tokenized else 1)
         lg = dirs[n] / "metrics.jsonl"
         logs[n] = [json.loads(line) for line in open(lg)] if lg.is_file() else []
-    plots.register_saes({n: (s.params.architecture, bool(s.params.tokenized)) for n, s in saes.items()})
+    plots.register_saes({n: (s.params.architecture, bool(s.params.tokenized), int(s.params.lookup_ngram))
+                         for n, s in saes.items()})
     ctx = Context(cfg, cache, hook, out, dev, saes, evals, logs, {n: dirs[n] for n in saes},
                   scheduler=scheduler or a.scheduler or None)
     sections, timings = [], {}
@@ -1174,11 +1403,12 @@ def run(cfg: Config, scheduler: str | None = None, allow_other_cache: bool = Fal
         bar.set_postfix_str(key)
         if key in NEEDS_SAES and not saes:
             continue
-        t0 = time.perf_counter()
-        sec = SECTIONS[key](ctx)
-        timings[key] = time.perf_counter() - t0
-        sections.append(sec)
-        ctx.results[key] = sec.data
+        for k, fn in {key: SECTIONS[key], **COMPANIONS.get(key, {})}.items():
+            t0 = time.perf_counter()
+            sec = fn(ctx)
+            timings[k] = time.perf_counter() - t0
+            sections.append(sec)
+            ctx.results[k] = sec.data
     summary = section_summary(ctx, sections)
     sections.insert(0, summary)
     results = {"cache": cache.path, "hook": hook, "n_seq": cache.n_seq, "tokens": cache.n_seq * cache.context_size,

@@ -9,7 +9,7 @@ Inputs are what ``train`` writes: each SAE's ``eval.json`` dict (held-out ``nmse
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,45 +31,64 @@ def pareto_front(l0: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.array(front, dtype=np.int64)
 
 
+LOOKUP_NAMES = {2: "bigram", 3: "trigram"}
+"""Lookup order → the word the report uses for an n-gram lookup's family."""
+
+
+def lookup_order(r: dict) -> int:
+    """An SAE's variant from its eval row: 0 plain, else its lookup order ``lookup_ngram`` (1 unigram lookup,
+    the paper's tokenized SAE; 2 bigram; 3 trigram; rows without the field are unigram)."""
+    return max(1, int(r.get("lookup_ngram") or 1)) if r.get("tokenized") else 0
+
+
 def group_key(r: dict) -> str:
-    """Frontier family of an SAE: ``<architecture>[ tokenized]``."""
-    return f"{r['architecture']}{' tokenized' if r['tokenized'] else ''}"
+    """Frontier family of an SAE: ``<architecture>``, ``<architecture> tokenized`` (unigram lookup) or
+    ``<architecture> tokenized + bigram lookup`` / ``+ trigram lookup`` (``lookup_ngram`` 2 / 3)."""
+    n = lookup_order(r)
+    return f"{r['architecture']}{' tokenized' if n else ''}{f' + {LOOKUP_NAMES[n]} lookup' if n > 1 else ''}"
 
 
 @dataclass
 class Frontier:
-    """Per family (:func:`group_key`): the SAEs' (name, L0, metric) and the indices of its Pareto front."""
+    """Per family (:func:`group_key`): the SAEs' (name, L0, metric), the indices of its Pareto front, and the
+    family's (architecture, variant) (variant: :func:`lookup_order`)."""
 
     metric: str
     points: dict[str, list[tuple[str, float, float]]]
     front: dict[str, list[int]]
+    family: dict[str, tuple[str, int]] = field(default_factory=dict)
 
 
 def frontiers(results: list[dict], metric: str) -> Frontier:
-    """Pareto frontiers of ``metric`` ("nmse" or "ce_added") against held-out L0, per architecture × tokenized."""
+    """Pareto frontiers of ``metric`` ("nmse" or "ce_added") against held-out L0, per architecture × variant
+    (plain, unigram lookup, bigram lookup, trigram lookup: :func:`group_key`)."""
     points: dict[str, list[tuple[str, float, float]]] = {}
+    family: dict[str, tuple[str, int]] = {}
     for r in results:
         v = r.get(metric)
         if v is None:
             continue
-        points.setdefault(group_key(r), []).append((r["name"], float(r["l0"]), float(v)))
+        g = group_key(r)
+        points.setdefault(g, []).append((r["name"], float(r["l0"]), float(v)))
+        family[g] = (str(r["architecture"]), lookup_order(r))
     front = {g: pareto_front(np.array([p[1] for p in ps]), np.array([p[2] for p in ps])).tolist()
              for g, ps in points.items()}
-    return Frontier(metric, points, front)
+    return Frontier(metric, points, front, family)
 
 
 def plot_frontier(fr: Frontier, path, ylabel: str):
     """Held-out metric vs L0 for every SAE (one labelled marker each, styled per SAE by
     :func:`pipeline.analysis.plots.sae_styles`) and each family's Pareto front (line in the family's colour, solid
-    plain, dashed tokenized): lower-left is better. Log axes where the values span a factor > 30."""
+    plain, dashed unigram lookup, dotted bigram, dash-dot trigram): lower-left is better. Log axes where the values
+    span a factor > 30."""
     from pipeline.analysis.plots import family_style, legend_outside, sae_styles, subplots
 
     fig, ax = subplots(figsize=(8.5, 5))
     styles = sae_styles([p[0] for ps in fr.points.values() for p in ps])
     ys = []
     for g, ps in sorted(fr.points.items()):
-        arch, tok = g.split(" ")[0], g.endswith("tokenized")
-        fam = family_style(arch, tok)
+        arch, var = fr.family.get(g, (g.split(" ")[0], int("tokenized" in g)))
+        fam = family_style(arch, var > 0, max(1, var))
         f = [ps[j] for j in fr.front[g]]
         ax.plot([p[1] for p in f], [p[2] for p in f], color=fam.color, ls=fam.ls, lw=1.2, alpha=0.8,
                 label=f"{g} front")
@@ -93,10 +112,20 @@ TWIN_KEYS = ("architecture", "d_sae", "k", "sparsity_coeff", "seed")
 
 
 def twins(results: list[dict]) -> list[tuple[str, str]]:
-    """(plain name, tokenized name) pairs that agree on architecture, d_sae, k / λ and seed."""
+    """(plain name, tokenized name) pairs that agree on architecture, d_sae, k / λ and seed (every lookup order:
+    a bigram-lookup SAE is paired with its plain twin too); unigram-lookup pairs first."""
     plain = {tuple(r.get(k) for k in TWIN_KEYS): r["name"] for r in results if not r["tokenized"]}
-    return [(plain[key], r["name"]) for r in results if r["tokenized"]
-            if (key := tuple(r.get(k) for k in TWIN_KEYS)) in plain]
+    toks = sorted((r for r in results if r["tokenized"]), key=lookup_order)
+    return [(plain[key], r["name"]) for r in toks if (key := tuple(r.get(k) for k in TWIN_KEYS)) in plain]
+
+
+def lookup_twins(results: list[dict]) -> list[tuple[str, str]]:
+    """(lower-order name, higher-order name) pairs of tokenized SAEs one lookup order apart (unigram → bigram,
+    bigram → trigram) that agree on architecture, d_sae, k / λ and seed: the SAEs whose paired difference
+    measures what the n-gram table adds. Eval rows without ``lookup_ngram`` are unigram."""
+    by = {(tuple(r.get(k) for k in TWIN_KEYS), lookup_order(r)): r["name"] for r in results if r["tokenized"]}
+    return [(by[(key, n - 1)], r["name"]) for r in results if r["tokenized"] and (n := lookup_order(r)) > 1
+            if (key := tuple(r.get(k) for k in TWIN_KEYS), n - 1) in by]
 
 
 def tokens_to_reach(log: list[dict], key: str, target: float) -> float:
@@ -191,7 +220,11 @@ class LookupDrift:
 
 def lookup_drift(lookup: torch.Tensor, unigram: torch.Tensor, alpha: float, token_counts: np.ndarray,
                  index: torch.Tensor | None = None, lookup_rows: int = 0) -> LookupDrift:
-    """Similarity of a trained lookup to its initialisation (paper Sec. 4.1 / 5).
+    """Similarity of a trained unigram lookup to its initialisation (paper Sec. 4.1 / 5).
+
+    The unigram table W_lookup only: for an n-gram SAE (``lookup_ngram`` 2 / 3) its unigram table starts at
+    α·unigram too and is compared the same way; its bigram / trigram tables (which start at α·act[BOS, …] minus
+    the lower orders, :meth:`pipeline.saes.base.SAE.init_from_data`) are not part of this statistic.
 
     lookup: [d_vocab, d_model] (``sae.lookup_table()``: zeros for tokens without a row); unigram: float32
     [d_vocab, d_model] (the cache's table, raw units); alpha: the init scale; token_counts: int [d_vocab];

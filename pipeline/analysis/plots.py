@@ -3,11 +3,13 @@
 Style (:func:`sae_styles`): each SAE series gets a :class:`SeriesStyle` — a colour per architecture
 family (TopK blue, BatchTopK orange, Matryoshka brown, JumpReLU purple, Gated red, ReLU green), lighter
 or darker shades of it for several SAEs of one family (a plain SAE and its tokenized twin share the
-shade), a line style per variant (plain solid, tokenized dashed) and a marker per SAE, so that any
+shade), a line style per variant (plain solid, unigram-tokenized dashed, bigram lookup dotted, trigram lookup
+dash-dot: :data:`VARIANT_LINESTYLES`) and a marker per SAE, so that any
 number of series stays distinguishable by (colour, line style, marker) — and histograms, which have no
 markers, by (colour, line style); scatters, which have no line, by (colour, marker). The family and
 variant of a name come from :func:`register_saes` (the analyze stage registers every loaded SAE's
-architecture and ``tokenized`` flag), else from the name (``topk-tok`` → TopK, tokenized).
+architecture, ``tokenized`` flag and lookup order ``lookup_ngram``), else from the name (``topk-tok`` → TopK,
+tokenized; ``topk-tok2`` → TopK with a bigram lookup).
 Series that are not SAEs (n-gram orders, hooks, SAE pairs) get :func:`generic_styles`.
 
 Legends go outside the axes (:func:`legend_outside`); figures are created by :func:`subplots`
@@ -45,7 +47,10 @@ GENERIC_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h", "*", "p", "d", "H", "8"]
 """Filled markers in order of use: 15 of them, so a marker repeats only after 15 SAEs of one family."""
 LINESTYLES = {False: "-", True: "--"}
-"""Variant → line style: plain solid, tokenized dashed."""
+"""Tokenized flag → line style: plain solid, tokenized dashed (the unigram-lookup variant)."""
+VARIANT_LINESTYLES = {0: "-", 1: "--", 2: ":", 3: "-."}
+"""Variant → line style: 0 plain solid, 1 unigram lookup dashed, 2 bigram lookup dotted, 3 trigram lookup dash-dot
+(the variant of a tokenized SAE is its ``lookup_ngram``)."""
 _GENERIC_LS = ["-", "--", ":", "-."]
 _SHADES = [0.0, 0.45, -0.35, 0.7, -0.55, 0.25, -0.2, 0.58, -0.45, 0.12]
 """Lightness offsets of the family colour for the 1st, 2nd, ... SAE of a family (0: the base colour)."""
@@ -73,12 +78,19 @@ class SeriesStyle:
 
 
 _SAE_INFO: dict[str, tuple[str, bool]] = {}
+_SAE_NGRAM: dict[str, int] = {}
+_TOK_MARK = r"(^|[-_ ])tok(enized)?([23])?(?=$|[-_ ])"
+"""A name's tokenized marker: ``tok``/``tokenized``, optionally followed by the lookup order (``tok2``)."""
 
 
-def register_saes(info: dict[str, tuple[str, bool]]) -> None:
-    """Record each SAE's (architecture, tokenized) so that every figure styles it alike (replaces earlier ones)."""
+def register_saes(info: dict[str, tuple]) -> None:
+    """Record each SAE's (architecture, tokenized) or (architecture, tokenized, lookup_ngram) so that every figure
+    styles it alike (replaces earlier ones); lookup_ngram defaults to 1 (a unigram lookup when tokenized)."""
     _SAE_INFO.clear()
-    _SAE_INFO.update({str(k): (str(a), bool(t)) for k, (a, t) in info.items()})
+    _SAE_NGRAM.clear()
+    for k, v in info.items():
+        _SAE_INFO[str(k)] = (str(v[0]), bool(v[1]))
+        _SAE_NGRAM[str(k)] = int(v[2]) if len(v) > 2 else 1
 
 
 def _parse(name: str) -> tuple[str, bool]:
@@ -86,14 +98,26 @@ def _parse(name: str) -> tuple[str, bool]:
     if name in _SAE_INFO:
         return _SAE_INFO[name]
     low = name.lower()
-    tok = bool(re.search(r"(^|[-_ ])tok(enized)?($|[-_ ])", low))
+    tok = bool(re.search(_TOK_MARK, low))
     arch = next((a for a in sorted(FAMILY_COLORS, key=len, reverse=True) if low.startswith(a)), None)
     return (arch or re.split(r"[-_ ]", low)[0] or low), tok
 
 
+def variant(name: str) -> int:
+    """An SAE's variant: 0 plain, else its lookup order (1 unigram, 2 bigram, 3 trigram), from :func:`register_saes`
+    or guessed from the name (``tok2`` → 2)."""
+    arch_tok = _parse(name)
+    if not arch_tok[1]:
+        return 0
+    if name in _SAE_NGRAM:
+        return max(1, _SAE_NGRAM[name])
+    m = re.search(_TOK_MARK, name.lower())
+    return int(m.group(3)) if m and m.group(3) else 1
+
+
 def _twin_key(name: str) -> str:
-    """The name without its tokenized marker, so a plain SAE and its tokenized twin share a shade."""
-    return re.sub(r"(^|[-_ ])tok(enized)?(?=$|[-_ ])", "", name.lower())
+    """The name without its tokenized marker, so a plain SAE and its tokenized twins share a shade."""
+    return re.sub(_TOK_MARK, "", name.lower())
 
 
 def _natural(s: str) -> list:
@@ -145,7 +169,8 @@ def sae_styles(names: Iterable[str]) -> dict[str, SeriesStyle]:
             j = same.index(n)
             color, shift = base[f]
             amount = min(max(_shade_amount(i + 3 * j) + shift, -0.7), 0.75)
-            out[n] = SeriesStyle(_shade(color, amount), LINESTYLES[tok], MARKERS[(2 * i + int(tok) + j) % len(MARKERS)])
+            ls = VARIANT_LINESTYLES.get(variant(n), LINESTYLES[tok])
+            out[n] = SeriesStyle(_shade(color, amount), ls, MARKERS[(2 * i + int(tok) + j) % len(MARKERS)])
     _dedupe(out, names)
     return {n: out[n] for n in names}
 
@@ -166,13 +191,14 @@ def _dedupe(styles: dict[str, SeriesStyle], order: Sequence[str]) -> None:
         styles[n] = s
 
 
-def family_style(architecture: str, tokenized: bool) -> SeriesStyle:
-    """The base style of an architecture family and variant (e.g. a Pareto front): the family colour, solid plain /
-    dashed tokenized, no marker."""
+def family_style(architecture: str, tokenized: bool, lookup_ngram: int = 1) -> SeriesStyle:
+    """The base style of an architecture family and variant (e.g. a Pareto front): the family colour, the
+    variant's line style (:data:`VARIANT_LINESTYLES`: plain solid, unigram lookup dashed, bigram dotted, trigram
+    dash-dot), no marker."""
     color = FAMILY_COLORS.get(architecture)
     if color is None:
         color = sae_styles([f"{architecture}{'-tok' if tokenized else ''}"]).popitem()[1].color
-    return SeriesStyle(color, LINESTYLES[bool(tokenized)], "None")
+    return SeriesStyle(color, VARIANT_LINESTYLES[max(1, int(lookup_ngram)) if tokenized else 0], "None")
 
 
 def generic_styles(labels: Iterable[str]) -> dict[str, SeriesStyle]:
@@ -372,8 +398,9 @@ def plot_by_frequency(series: dict[str, list[dict]], ylabel: str, title: str, pa
     return _save(fig, path)
 
 
-def plot_unigram_counts(counts: dict[str, np.ndarray], path: str | Path) -> Path:
-    """Histogram of how many unigrams activate each latent, one series per SAE (paper Fig. 9)."""
+def plot_unigram_counts(counts: dict[str, np.ndarray], path: str | Path, what: str = "unigram") -> Path:
+    """Histogram of how many unigrams (``what="bigram"``: bigram inputs) activate each latent, one series per SAE
+    (paper Fig. 9)."""
     fig, ax = subplots(figsize=(8, 4.5))
     top = max([int(c.max()) for c in counts.values()] + [1])
     bins = np.unique(np.concatenate([[0, 1], np.geomspace(1, top + 1, 30).astype(int) + 1]))
@@ -381,7 +408,7 @@ def plot_unigram_counts(counts: dict[str, np.ndarray], path: str | Path) -> Path
     for name, c in counts.items():
         frac = (c > 0).mean()
         ax.hist(np.maximum(c, 0), bins=bins, **styles[name].hist(label=f"{name} ({frac:.1%} ≥1)"))
-    ax.set(xscale="symlog", yscale="log", xlabel="unigrams activating the latent", ylabel="latents",
-           title="unigram-activated latents")
+    ax.set(xscale="symlog", yscale="log", xlabel=f"{what}s activating the latent", ylabel="latents",
+           title=f"{what}-activated latents")
     legend_outside(ax)
     return _save(fig, path)

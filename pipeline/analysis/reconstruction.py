@@ -35,8 +35,9 @@ class TokenErrors:
 
 @torch.no_grad()
 def token_errors(sae: SAE, x: torch.Tensor, tokens: torch.Tensor, batch_size: int = 4096) -> TokenErrors:
-    """Encode/decode x [n, d_model] with its tokens [n]; per-token squared error and L0, and the latents'
-    :class:`TopActivations` from the same pass."""
+    """Encode/decode x [n, d_model] with its tokens [n] (an n-gram-lookup SAE: each token's context int64 [n, c],
+    :func:`pipeline.analysis.bigrams.sae_tokens`); per-token squared error and L0, and the latents'
+    :class:`TopActivations` from the same pass. Raises ValueError (from the SAE) when an n-gram SAE gets ids alone."""
     mse, l0 = [], []
     top = TopAccumulator(sae.params.d_sae, sae.W_dec.device)
     for s in range(0, len(x), batch_size):

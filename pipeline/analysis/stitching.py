@@ -10,7 +10,11 @@ SAE's encoder, and interpolates the bias by the fraction of latents from each, m
     w = m₁ / (m₀ + m₁)   (½ if both are empty),   β_s(t) = b⁽ˢ⁾_dec + W⁽ˢ⁾_lookup[t]
 
 The per-token lookup of a tokenized SAE is part of its bias β_s(t) and is interpolated with the same
-weight as b_dec (a plain SAE's lookup is 0). With S = (all of SAE₀, ∅) x̂_S is SAE₀'s reconstruction;
+weight as b_dec (a plain SAE's lookup is 0). With an n-gram lookup (``lookup_ngram`` 2 / 3) β_s is b_dec plus every
+order of the lookup, b_dec + W₁[t] + W₂[(t₋₁, t)] (+ W₃[(t₋₂, t₋₁, t)]), so the functions below then take each
+token's context int64 [n, c] (:func:`pipeline.ngram.context`) instead of its id; a unigram or plain SAE takes the
+same context (it reads the last column), so a pair mixing lookup orders gets one context for both.
+With S = (all of SAE₀, ∅) x̂_S is SAE₀'s reconstruction;
 with (∅, all of SAE₁) it is SAE₁'s. MSE = mean over tokens of ‖x − x̂_S‖² (summed over d_model, as in
 training); L0 = mean over tokens of the number of non-zero latents in S₀ ∪ S₁.
 
@@ -44,7 +48,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.analysis.matching import cosine_edges
+from pipeline.analysis.matching import cosine_edges, initial_decoder_of
 from pipeline.analysis.plots import _save
 from pipeline.saes.base import SAE
 
@@ -139,12 +143,10 @@ SHARED_ROW_COS = 1 - 1e-5
 
 def initial_stitch_graph(sae0: SAE, sae1: SAE, threshold: float = 0.7) -> tuple[StitchGraph, int] | None:
     """The :class:`StitchGraph` of the two SAEs' *initial* decoders (rebuilt from the init seeds in their
-    ``cfg.json``, :func:`pipeline.saes.init.initial_decoder`) and the number of SAE₁'s initial rows that equal
+    ``cfg.json``, :func:`pipeline.analysis.matching.initial_decoder_of`) and the number of SAE₁'s initial rows that equal
     one of SAE₀'s (max cosine ≥ :data:`SHARED_ROW_COS`): SAEs drawn from the same init seed share their leading
     rows. The graph's reconstruction count is the baseline of the trained one. None when a seed is missing."""
-    from pipeline.saes.init import initial_decoder
-
-    w0, w1 = initial_decoder(sae0), initial_decoder(sae1)
+    w0, w1 = initial_decoder_of(sae0), initial_decoder_of(sae1)
     if w0 is None or w1 is None:
         return None
     g = stitch_graph(w0, w1, threshold)
@@ -153,7 +155,8 @@ def initial_stitch_graph(sae0: SAE, sae1: SAE, threshold: float = 0.7) -> tuple[
 
 # -- both SAEs' latents on the same tokens -------------------------------------------------------------
 def _bias(sae: SAE, tokens: torch.Tensor | None, n: int) -> torch.Tensor:
-    """β(t) = b_dec + W_lookup[t]: float64 [n, d_model] on the SAE's device."""
+    """β(t) = b_dec + lookup(t) (every order of an n-gram lookup, tokens then a context [n, c]): float64
+    [n, d_model] on the SAE's device. Raises ValueError (from the SAE) when an n-gram SAE gets ids alone."""
     lk = sae.lookup(None if tokens is None else tokens.to(sae.b_dec.device))
     b = sae.b_dec.detach().double().expand(n, -1)
     return b + lk.detach().double() if isinstance(lk, torch.Tensor) else b.clone()
@@ -309,7 +312,8 @@ def _check_graph(graph: StitchGraph | None, sae0: SAE, sae1: SAE, threshold: flo
 def stitch_reconstruct(sae0: SAE, sae1: SAE, x: torch.Tensor, tokens: torch.Tensor | None,
                        keep0: torch.Tensor | np.ndarray, keep1: torch.Tensor | np.ndarray) -> torch.Tensor:
     """x̂ of the stitched SAE with SAE₀ latents ``keep0`` (bool [d₀]) and SAE₁ latents ``keep1`` (bool [d₁])
-    on x [n, d_model] (tokens [n] if either SAE is tokenized): float64 [n, d_model] on the CPU (the module
+    on x [n, d_model] (tokens [n] if either SAE is tokenized; a context [n, c] if either has an n-gram lookup):
+    float64 [n, d_model] on the CPU (the module
     formula; for checks and small inputs — :func:`interpolate` does not rebuild x̂ from scratch)."""
     keep0 = torch.as_tensor(np.asarray(keep0), dtype=torch.bool)
     keep1 = torch.as_tensor(np.asarray(keep1), dtype=torch.bool)
@@ -361,7 +365,8 @@ class LatentEffects:
 def latent_effects(sae0: SAE, sae1: SAE, x: torch.Tensor, tokens: torch.Tensor | None = None,
                    threshold: float = 0.7, graph: StitchGraph | None = None, batch_size: int = 4096) -> LatentEffects:
     """:class:`LatentEffects` on activations x [n, d_model] (raw, as saved SAEs take them) and tokens [n]
-    (needed when either SAE is tokenized). ``graph`` (from :func:`stitch_graph`, whose threshold then
+    (needed when either SAE is tokenized; each token's context [n, c] when either has an n-gram
+    lookup). ``graph`` (from :func:`stitch_graph`, whose threshold then
     applies) is built when omitted."""
     graph = _check_graph(graph, sae0, sae1, threshold)
     j = _Joint(sae0, sae1, x, tokens, batch_size)
@@ -420,7 +425,8 @@ class StitchCurve:
 
 def interpolate(sae0: SAE, sae1: SAE, x: torch.Tensor, tokens: torch.Tensor | None = None, threshold: float = 0.7,
                 order: str = "mse", graph: StitchGraph | None = None, batch_size: int = 4096) -> StitchCurve:
-    """Interpolate from SAE₀ to SAE₁ on x [n, d_model] (tokens [n] if either SAE is tokenized): add SAE₁'s
+    """Interpolate from SAE₀ to SAE₁ on x [n, d_model] (tokens [n] if either SAE is tokenized, a
+    context [n, c] if either has an n-gram lookup): add SAE₁'s
     novel latents one by one, then swap each component holding SAE₀ latents (:class:`StitchCurve`).
 
     ``order="mse"``: novel latents by their MSE change when added alone to SAE₀ (most helpful first),

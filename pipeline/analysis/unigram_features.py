@@ -147,8 +147,9 @@ def unigram_feature_counts(sae: SAE, unigram: torch.Tensor, max_act: np.ndarray,
                                 float(threshold), mode)
 
 
-def plot_threshold_sweep(sweeps: dict[str, list[dict]], path, chosen: float | None = None):
-    """Fraction of live latents activated by a unigram against the threshold, one line per SAE in the shared
+def plot_threshold_sweep(sweeps: dict[str, list[dict]], path, chosen: float | None = None, what: str = "unigram"):
+    """Fraction of live latents activated by a unigram (``what="bigram"``: a bigram input) against the threshold,
+    one line per SAE in the shared
     plot style (:func:`pipeline.analysis.plots.sae_styles`, from the SAEs the analyze stage registers:
     tokenized dashed) with its 95% Wilson band; the report's threshold marked."""
     from pipeline.analysis.plots import legend_outside, sae_styles, subplots
@@ -170,9 +171,9 @@ def plot_threshold_sweep(sweeps: dict[str, list[dict]], path, chosen: float | No
                   else "threshold (latent activation)")
     if mode == "absolute":
         ax.set_xscale("log")
-    ax.set_ylabel("live latents activated by ≥ 1 unigram")
+    ax.set_ylabel(f"live latents activated by ≥ 1 {what}")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     legend_outside(ax)
-    ax.set_title("unigram features against the threshold (95% Wilson bands)")
+    ax.set_title(f"{what} features against the threshold (95% Wilson bands)")
     return _save(fig, path)
