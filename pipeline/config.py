@@ -372,7 +372,7 @@ class TrainConfig:
             s.validate(f"train.saes.{i}")
 
 
-ANALYSES = ("ngrams", "mse_by_freq", "unigram_features", "dead_cosine", "unigram_cosine", "suffix_length",
+ANALYSES = ("ngrams", "mse_by_freq", "mse_by_bigram", "unigram_features", "bigram_features", "dead_cosine", "unigram_cosine", "suffix_length",
             "final_token", "frontiers", "matching", "positions", "stitching", "meta_sae", "browser")
 """Every analysis, in report order (stages/analyze.py SECTIONS)."""
 

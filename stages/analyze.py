@@ -3,8 +3,7 @@
 Each analysis is one function ``section_<key>(ctx) -> Section`` registered in :data:`SECTIONS`; it
 reads what it needs from the shared :class:`Context` (cache, SAEs, held-out tokens and their
 per-token errors, computed once) and returns its tables, figures (each with a one-line caption) and
-machine-readable results. ``analyze.analyses`` selects and orders them; the sections of :data:`COMPANIONS` (the
-n-gram-lookup analyses) run right after the analysis they extend.
+machine-readable results. ``analyze.analyses`` selects and orders them.
 
 Tokens: an SAE with an n-gram lookup (``lookup_ngram`` 2 / 3) is given each held-out token's context int64 [n, 3]
 (:meth:`Context.sae_tokens`, built from the held-out sequences with :func:`pipeline.ngram.context`, BOS positions
@@ -1297,7 +1296,9 @@ def section_summary(ctx: Context, sections: list[Section]) -> Section:
 SECTIONS: dict[str, Callable[[Context], Section]] = {
     "ngrams": section_ngrams,
     "mse_by_freq": section_mse_by_freq,
+    "mse_by_bigram": section_mse_by_bigram,
     "unigram_features": section_unigram_features,
+    "bigram_features": section_bigram_features,
     "dead_cosine": section_dead_cosine,
     "unigram_cosine": section_unigram_cosine,
     "suffix_length": section_suffix_length,
@@ -1310,13 +1311,6 @@ SECTIONS: dict[str, Callable[[Context], Section]] = {
     "browser": section_browser,
 }
 """Analysis key (``analyze.analyses``) → section function, in report order."""
-
-COMPANIONS: dict[str, dict[str, Callable[[Context], Section]]] = {
-    "mse_by_freq": {"mse_by_bigram": section_mse_by_bigram},
-    "unigram_features": {"bigram_features": section_bigram_features},
-}
-"""Sections that run right after an analysis of :data:`SECTIONS` when it is selected (the n-gram-lookup analyses:
-their own section, key and results.json entry, selected with the unigram analysis they extend)."""
 
 NEEDS_SAES = set(SECTIONS) - {"ngrams"}
 
@@ -1403,12 +1397,11 @@ def run(cfg: Config, scheduler: str | None = None, allow_other_cache: bool = Fal
         bar.set_postfix_str(key)
         if key in NEEDS_SAES and not saes:
             continue
-        for k, fn in {key: SECTIONS[key], **COMPANIONS.get(key, {})}.items():
-            t0 = time.perf_counter()
-            sec = fn(ctx)
-            timings[k] = time.perf_counter() - t0
-            sections.append(sec)
-            ctx.results[k] = sec.data
+        t0 = time.perf_counter()
+        sec = SECTIONS[key](ctx)
+        timings[key] = time.perf_counter() - t0
+        sections.append(sec)
+        ctx.results[key] = sec.data
     summary = section_summary(ctx, sections)
     sections.insert(0, summary)
     results = {"cache": cache.path, "hook": hook, "n_seq": cache.n_seq, "tokens": cache.n_seq * cache.context_size,

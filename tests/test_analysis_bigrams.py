@@ -28,18 +28,18 @@ def test_heldout_bigram_counts_exclude_heldout_and_bos_crossing_positions():
     bg = count_ngrams(da.from_array(train, chunks=(1, 8)), 2, V)
     ctx = context(torch.from_numpy(held), 3, BOS)[:, 1:].reshape(-1, 3)  # held-out ids with the BOS position dropped
     counts = B.heldout_bigram_counts(bg, ctx)
-    # brute force: training pairs that do not start at a BOS; a held-out position after a BOS has no bigram
-    pairs = Counter((int(a), int(b)) for row in train for a, b in zip(row[:-1], row[1:]) if a != BOS)
-    want = [-1 if a == BOS else pairs.get((int(a), int(b)), 0) for row in held for a, b in zip(row[:-1], row[1:])]
+    # brute force: training pairs without a BOS; a held-out position after a BOS, or a BOS itself, has no bigram
+    pairs = Counter((int(a), int(b)) for row in train for a, b in zip(row[:-1], row[1:]) if BOS not in (a, b))
+    want = [-1 if BOS in (a, b) else pairs.get((int(a), int(b)), 0) for row in held for a, b in zip(row[:-1], row[1:])]
     np.testing.assert_array_equal(counts, want)
-    # by hand: (3, 4) occurs 4 times in training; (4, 7) / (7, 4) only in held-out → 0; after the mid BOS → −1
-    assert counts[:7].tolist() == [-1, 4, 0, 0, 1, -1, 4]
+    # by hand: (3, 4) occurs 4 times in training; (4, 7) / (7, 4) only in held-out → 0; at and after the mid BOS → −1
+    assert counts[:7].tolist() == [-1, 4, 0, 0, -1, -1, 4]
     assert counts[7:].tolist() == [-1, 1, 0, 1, 4, 0, 0]  # (6, 6) and (5, 3) once, (6, 5) and (4, 1) never
 
     # binning: one row for "no bigram", one for "never in training", the rest by log count; per-bin mean ± SEM
     vals = np.arange(len(counts), dtype=float)
     res = B.by_bigram_frequency({"a": vals, "b": 2 * vals}, counts, 3)
-    assert res.no_bigram["a"]["n"] == 3 and res.no_bigram["a"]["mean"] == pytest.approx(vals[counts < 0].mean())
+    assert res.no_bigram["a"]["n"] == 4 and res.no_bigram["a"]["mean"] == pytest.approx(vals[counts < 0].mean())
     assert res.unseen["b"]["n"] == 5 and res.unseen["b"]["mean"] == pytest.approx(2 * vals[counts == 0].mean())
     assert sum(r["n"] for r in res.bins["a"]) == int((counts > 0).sum())
     for r in res.bins["a"]:
@@ -183,7 +183,7 @@ def test_analyze_a_folder_with_a_bigram_lookup_sae(tiny_cache, tmp_path):
     from stages import analyze
 
     cfg, cache = tiny_cache
-    analyses = ["mse_by_freq", "unigram_features", "frontiers", "matching", "stitching"]
+    analyses = ["mse_by_freq", "mse_by_bigram", "unigram_features", "bigram_features", "frontiers", "matching", "stitching"]
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "saes")),
                               analyze=dataclasses.replace(cfg.analyze, out_dir=str(tmp_path / "analysis"),
                                                           analyses=analyses, eval_tokens=600, stitching_tokens=300))

@@ -2,8 +2,6 @@
 activation tables (format 2), training and checkpoints of bigram/trigram SAEs, and a synthetic cache on which the
 bigram table must beat the unigram table where bigrams carry the signal."""
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -167,7 +165,7 @@ def test_checkpoint_round_trip_continues_exactly():
     b = fresh()
     for xb, tb in batches[:3]:
         b.step(xb, tb, log=False)
-    state = json.loads(json.dumps({"ok": 1})) and b.state_dict()
+    state = b.state_dict()
     c = fresh()
     c.load_state_dict(state)
     for xb, tb in batches[3:]:
@@ -257,7 +255,6 @@ init_like = "tok"
     res = {r["name"]: r for r in summary["results"]}
     assert res["tok2"]["lookup_ngram"] == 2 and res["tok"]["lookup_ngram"] == 1
     # held-out NMSE on the tokens whose bigram has a row: the bigram SAE's clearly lower
-    from pipeline.ngram import rows_of
     from pipeline.saes import load_sae
 
     tok, tok2 = load_sae(tmp_path / "saes" / "tok"), load_sae(tmp_path / "saes" / "tok2")

@@ -36,6 +36,7 @@ import torch
 
 from pipeline.analysis.plots import _save
 from pipeline.saes.base import SAE
+from pipeline.saes.init import initial_decoder
 
 HUNGARIAN_MAX = 16384
 """Largest number of latents per side for which :func:`hungarian` builds the full cosine matrix."""
@@ -265,34 +266,18 @@ def matching_matrix(saes: dict[str, SAE], threshold: float = 0.7, by: tuple[str,
     return MatchingMatrix(names, float(threshold), mmcs, ratio, hung)
 
 
-def initial_decoder_of(sae: SAE) -> torch.Tensor | None:
-    """:func:`pipeline.saes.init.initial_decoder` for any SAE, n-gram lookups included: float32 [d_sae, d_model]
-    (CPU) or None when no init seed is recorded. The n-gram tables draw nothing from the RNG (they are zeros until
-    ``init_from_data``), so the SAE is rebuilt without them; ``initial_decoder`` drops the unigram lookup but keeps
-    ``lookup_ngram``, which an SAE without a lookup refuses (ValueError)."""
-    import dataclasses
-    from types import SimpleNamespace
-
-    from pipeline.saes.init import initial_decoder
-
-    p = sae.params
-    if int(getattr(p, "lookup_ngram", 1) or 1) > 1:
-        p = dataclasses.replace(p, lookup_ngram=1, lookup_rows_2=0, lookup_rows_3=0)
-    return initial_decoder(SimpleNamespace(params=p))
-
-
 def initial_matching_matrix(saes: dict[str, SAE], threshold: float = 0.7, **kw) -> MatchingMatrix:
     """:class:`MatchingMatrix` by decoder directions of the SAEs *at initialisation*: the baseline of
     :func:`matching_matrix` (how much two dictionaries share before any training).
 
-    Each initial W_dec is rebuilt from the SAE's recorded init seed (:func:`initial_decoder_of`);
+    Each initial W_dec is rebuilt from the SAE's recorded init seed (:func:`initial_decoder`);
     pairs involving an SAE with no recorded seed are NaN. Encoder directions at initialisation equal the
     decoder's (W_enc = W_decᵀ up to a positive scale), so only "decoder" is computed. Same cost as the
     trained matrix's decoder half.
     """
     names = list(saes)
     n = len(names)
-    dirs = {k: initial_decoder_of(s) for k, s in saes.items()}
+    dirs = {k: initial_decoder(s) for k, s in saes.items()}
     mmcs, ratio = np.full((n, n), math.nan), np.full((n, n), math.nan)
     np.fill_diagonal(mmcs, 1.0)
     np.fill_diagonal(ratio, 1.0)

@@ -48,7 +48,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pipeline.analysis.matching import cosine_edges, initial_decoder_of
+from pipeline.analysis.matching import cosine_edges
+from pipeline.saes.init import initial_decoder
 from pipeline.analysis.plots import _save
 from pipeline.saes.base import SAE
 
@@ -143,10 +144,10 @@ SHARED_ROW_COS = 1 - 1e-5
 
 def initial_stitch_graph(sae0: SAE, sae1: SAE, threshold: float = 0.7) -> tuple[StitchGraph, int] | None:
     """The :class:`StitchGraph` of the two SAEs' *initial* decoders (rebuilt from the init seeds in their
-    ``cfg.json``, :func:`pipeline.analysis.matching.initial_decoder_of`) and the number of SAE₁'s initial rows that equal
+    ``cfg.json``, :func:`pipeline.saes.init.initial_decoder`) and the number of SAE₁'s initial rows that equal
     one of SAE₀'s (max cosine ≥ :data:`SHARED_ROW_COS`): SAEs drawn from the same init seed share their leading
     rows. The graph's reconstruction count is the baseline of the trained one. None when a seed is missing."""
-    w0, w1 = initial_decoder_of(sae0), initial_decoder_of(sae1)
+    w0, w1 = initial_decoder(sae0), initial_decoder(sae1)
     if w0 is None or w1 is None:
         return None
     g = stitch_graph(w0, w1, threshold)
