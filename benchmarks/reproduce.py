@@ -29,6 +29,11 @@ stages' Python functions, then reads what they wrote — each SAE's ``eval.json`
    difference of the two shares); a meta-SAE explains ~55% of the decoder rows' variance — ours trained on the
    SAE's decoder and on its initial decoder with the analysis' settings, paired bootstrap over rows.
 
+**Beyond the paper** (its Sec. 7 next step; the n-gram lookup, ``lookup_ngram`` 2 / 3): when the run trained
+n-gram-lookup SAEs, claims 1 and 2 are repeated for them against the same plain SAEs (B2.1, B2.2 for bigrams), and
+B2.3 asks whether fewer live latents are activated by a bigram input ``[BOS, t₋₁, t]`` (the analysis'
+``bigram_features``) than in the plain twin; the same rule decides them.
+
 **The verdict rule** (:func:`verdict`, the same for every row): each claim is a direction against a control —
 the plain SAE, a speed-up of 1, a flat slope, the same statistic at initialisation. The 95% interval of ours
 (or of ours − control) lying entirely on the paper's side of the control → "reproduced"; entirely on the other
@@ -62,6 +67,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import metrics as M  # noqa: E402
 
+LOOKUP_WORD = {1: "unigram", 2: "bigram", 3: "trigram"}
+"""Name of a lookup order in the claims' labels."""
 MIN_PAIRS = 3
 """Fewest twin pairs for a bootstrap interval over pairs (claim 2); fewer give no interval."""
 STAMP = "reproduce.json"
@@ -391,22 +398,37 @@ class RunData:
             raise FileNotFoundError(f"{res} is missing: run the analysis first (python cli.py analyze CONFIG)")
         return cls(cfg, evals, logs, dirs, json.loads(res.read_text()))
 
-    def topk_front(self, tokenized: bool) -> list[str]:
-        """TopK SAEs of the largest TopK d_sae and the run's base seed, plain or tokenized, sorted by k."""
+    def topk_front(self, tokenized: bool, order: int = 1) -> list[str]:
+        """TopK SAEs of the largest TopK d_sae and the run's base seed, plain or tokenized with an order-``order``
+        lookup (1 unigram, the paper's; 2 bigram; 3 trigram), sorted by k."""
+        from pipeline.analysis.frontiers import lookup_order
+
         topk = [e for e in self.evals.values() if e["architecture"] == "topk"]
         if not topk:
             return []
         d = max(e["d_sae"] for e in topk)
         seed = self.cfg.train.seed
+        want = order if tokenized else 0
         return [e["name"] for e in sorted(topk, key=lambda e: e["k"])
-                if e["d_sae"] == d and e.get("seed") == seed and bool(e["tokenized"]) == tokenized]
+                if e["d_sae"] == d and e.get("seed") == seed and lookup_order(e) == want]
 
-    def reference_pair(self) -> tuple[str, str] | None:
-        """(plain, tokenized) TopK twins on the front at k = 32 when trained, else the median k both have."""
-        from pipeline.analysis.frontiers import twins
+    def orders(self) -> list[int]:
+        """Lookup orders above 1 (n-gram lookups) among the run's tokenized SAEs."""
+        from pipeline.analysis.frontiers import lookup_order
 
-        front = set(self.topk_front(False)) | set(self.topk_front(True))
-        pairs = [p for p in twins(list(self.evals.values())) if p[0] in front and p[1] in front]
+        return sorted({lookup_order(e) for e in self.evals.values()} - {0, 1})
+
+    def pairs(self, order: int = 1) -> list[tuple[str, str]]:
+        """(plain, tokenized) twins whose tokenized SAE has an order-``order`` lookup."""
+        from pipeline.analysis.frontiers import lookup_order, twins
+
+        return [p for p in twins(list(self.evals.values())) if lookup_order(self.evals[p[1]]) == order]
+
+    def reference_pair(self, order: int = 1) -> tuple[str, str] | None:
+        """(plain, tokenized) TopK twins on the front at k = 32 when trained, else the median k both have; the
+        tokenized one with an order-``order`` lookup (1: the paper's unigram table)."""
+        front = set(self.topk_front(False)) | set(self.topk_front(True, order))
+        pairs = [p for p in self.pairs(order) if p[0] in front and p[1] in front]
         if not pairs:
             return None
         pairs.sort(key=lambda p: (abs(self.evals[p[0]]["k"] - 32), self.evals[p[0]]["k"]))
@@ -419,16 +441,20 @@ class RunData:
 
 
 # -- the five claims ----------------------------------------------------------------------------------------------
-def claim_pareto(run: RunData, n_boot: int, seed: int) -> Claim:
-    """Claim 1: L0 reduction of the tokenized TopK front at equal NMSE (module docstring)."""
-    plain, tok = run.topk_front(False), run.topk_front(True)
-    title = "NMSE at equal L0: tokenized vs plain TopK front"
+def claim_pareto(run: RunData, n_boot: int, seed: int, order: int = 1) -> Claim:
+    """Claim 1: L0 reduction of the tokenized TopK front at equal NMSE (module docstring); ``order`` 2 / 3: the same
+    for the bigram / trigram-lookup front against the plain front (claim B1, beyond the paper)."""
+    plain, tok = run.topk_front(False), run.topk_front(True, order)
+    cid = "1" if order == 1 else f"B{order}.1"
+    kind = "tokenized" if order == 1 else f"{LOOKUP_WORD[order]}-lookup"
+    paper = "~25% lower L0" if order == 1 else "– (paper Sec. 7: next step)"
+    title = f"NMSE at equal L0: {kind} vs plain TopK front"
     figs = [("pareto_nmse.png", "Held-out NMSE against L0 with each family's Pareto front.")]
     if len(plain) < 2 or not tok:
-        return Claim("pareto", title, [Row("1", "L0 saving at equal NMSE", "~25%", math.nan, None, "0 (plain front)",
-                                           INCONCLUSIVE, (0.25, 0.25), "{:.1%}",
-                                           f"needs ≥ 2 plain and ≥ 1 tokenized TopK SAEs; have {plain} / {tok}")],
-                     figs)
+        return Claim("pareto" if order == 1 else f"pareto{order}", title,
+                     [Row(cid, "L0 saving at equal NMSE", paper if order > 1 else "~25%", math.nan, None,
+                          "0 (plain front)", INCONCLUSIVE, (0.25, 0.25) if order == 1 else None, "{:.1%}",
+                          f"needs ≥ 2 plain and ≥ 1 {kind} TopK SAEs; have {plain} / {tok}")], figs)
     final, _ = run.per_seq(plain + tok)
     w = M.bootstrap_weights(len(final["_per_seq"]["n"]), n_boot, seed)
 
@@ -443,19 +469,22 @@ def claim_pareto(run: RunData, n_boot: int, seed: int) -> Claim:
     ci = M.percentile_interval(l0_reduction(bpl, bpn, btl, btn))
     detail = ", ".join(f"{n}: L0 {l:.1f}, NMSE {y:.4f}" for n, l, y in zip(plain + tok, [*pl[0], *tl[0]],
                                                                             [*pn[0], *tn[0]]))
-    row = Row("1", "L0 saving at equal NMSE (tokenized TopK front vs plain)", "~25% lower L0", point, ci,
-              "0 (plain front)", verdict(ci, 0.0, +1), (0.20, 0.30), "{:.1%}")
-    return Claim("pareto", title, [row], figs,
-                 f"Plain front: {', '.join(plain)}; tokenized: {', '.join(tok)}. Per SAE: {detail}. Interval: "
+    row = Row(cid, f"L0 saving at equal NMSE ({kind} TopK front vs plain)", paper, point, ci,
+              "0 (plain front)", verdict(ci, 0.0, +1), (0.20, 0.30) if order == 1 else None, "{:.1%}")
+    return Claim("pareto" if order == 1 else f"pareto{order}", title, [row], figs,
+                 f"Plain front: {', '.join(plain)}; {kind}: {', '.join(tok)}. Per SAE: {detail}. Interval: "
                  f"{n_boot} resamples of the {len(final['_per_seq']['n'])} held-out sequences, the same for every "
                  "SAE; each resample recomputes every NMSE and L0 from the per-sequence sums and then the saving.")
 
 
-def claim_convergence(run: RunData, n_boot: int, seed: int) -> Claim:
-    """Claim 2: convergence speed-up on held-out NMSE and CE added, geometric mean over twin pairs."""
-    from pipeline.analysis.frontiers import convergence, twins
+def claim_convergence(run: RunData, n_boot: int, seed: int, order: int = 1) -> Claim:
+    """Claim 2: convergence speed-up on held-out NMSE and CE added, geometric mean over twin pairs (the
+    tokenized SAEs with an order-``order`` lookup; 2 / 3: claim B2, beyond the paper)."""
+    from pipeline.analysis.frontiers import convergence
 
-    pairs = twins(list(run.evals.values()))
+    pairs = run.pairs(order)
+    cid = "2" if order == 1 else f"B{order}.2"
+    paper = "6–10×" if order == 1 else "– (paper Sec. 7: next step)"
     rows, lines = [], []
     for key, label in (("heldout_nmse", "NMSE"), ("heldout_ce_added", "CE added")):
         speedups = []
@@ -471,11 +500,14 @@ def claim_convergence(run: RunData, n_boot: int, seed: int) -> Claim:
             lines.append(f"{label}, {t} vs {p}: target {c.target:.4f}, plain {c.plain_tokens:,.0f} tokens, "
                          f"tokenized {c.tokenized_tokens:,.0f} → {sp:.2f}×{note}")
         point, ci = geometric_mean_bootstrap(speedups, n_boot, seed)
-        rows.append(Row("2", f"speed-up to the plain SAE's final held-out {label} (geometric mean of "
-                        f"{len(speedups)} twin pairs)", "6–10×", point, ci, "1× (as fast)", verdict(ci, 1.0, +1),
-                        (6.0, 10.0), "{:.2f}×",
+        rows.append(Row(cid, f"speed-up to the plain SAE's final held-out {label} (geometric mean of "
+                        f"{len(speedups)} {'' if order == 1 else LOOKUP_WORD[order] + '-lookup '}twin pairs)", paper,
+                        point, ci, "1× (as fast)", verdict(ci, 1.0, +1),
+                        (6.0, 10.0) if order == 1 else None, "{:.2f}×",
                         "" if len(speedups) >= MIN_PAIRS else f"< {MIN_PAIRS} pairs: no interval"))
-    return Claim("convergence", "Convergence: tokens to reach the plain twin's final value", rows,
+    title = "Convergence: tokens to reach the plain twin's final value" + (
+        "" if order == 1 else f" ({LOOKUP_WORD[order]} lookup)")
+    return Claim("convergence" if order == 1 else f"convergence{order}", title, rows,
                  [("convergence_heldout_nmse.png", "Held-out NMSE during training, plain vs tokenized."),
                   ("convergence_heldout_ce_added.png", "Held-out CE added during training, plain vs tokenized.")],
                  "Per pair: " + "; ".join(lines) + f". Interval: {n_boot} resamples of the twin pairs "
@@ -508,6 +540,42 @@ def claim_unigram(run: RunData) -> Claim:
                  f"{uf.get('interval_method', 'Wilson')}; the difference by Newcombe's hybrid score method. "
                  "The paper's "
                  "plain RES-JB GPT-2 SAEs: 35–45% of latents reconstruct common unigrams.")
+
+
+def claim_bigram_features(run: RunData, order: int = 2) -> Claim:
+    """Claim B3 (beyond the paper): the share of live latents activated by a bigram input ``[BOS, t₋₁, t]``
+    (the analysis' ``bigram_features``) is lower for the n-gram-lookup SAE than for its plain twin, as the unigram
+    share is for the paper's tokenized SAE (claim 3). Also shown: the unigram-lookup twin's share."""
+    bf = run.results.get("bigram_features") or {}
+    rows_by = {r["sae"]: r for r in bf.get("rows", [])}
+    pair = run.reference_pair(order)
+    title = f"Bigram features among live latents ({LOOKUP_WORD[order]} lookup)"
+    figs = [("bigram_feature_counts.png", "How many bigram inputs activate each live latent."),
+            ("bigram_threshold_sweep.png", "The fraction against the threshold.")]
+    if pair is None or not all(n in rows_by for n in pair):
+        return Claim(f"bigram{order}", title, [Row(f"B{order}.3", f"{LOOKUP_WORD[order]}-lookup − plain share",
+                                                   "– (paper: ~70% of RES-JB features reconstruct bigrams)",
+                                                   math.nan, None, "plain SAE", INCONCLUSIVE,
+                                                   note="no TopK twin pair in the bigram-feature analysis")], figs)
+    p, t = rows_by[pair[0]], rows_by[pair[1]]
+    key = "fraction_latents_activated_by_a_bigram"
+    cp, ct = (p["ci_low"], p["ci_high"]), (t["ci_low"], t["ci_high"])
+    diff_ci = newcombe_diff(t[key], ct, p[key], cp)
+    uni = run.reference_pair(1)
+    extra = ""
+    if uni is not None and uni[1] in rows_by:
+        u = rows_by[uni[1]]
+        extra = f"; unigram-lookup {uni[1]}: {u[key]:.1%} [{u['ci_low']:.1%}, {u['ci_high']:.1%}]"
+    rows = [Row(f"B{order}.3", f"share of live latents activated by a bigram, {pair[1]}",
+                "lower than plain (paper: ~70% of RES-JB features reconstruct bigrams)", t[key], list(ct),
+                f"plain {pair[0]}: {p[key]:.1%} [{cp[0]:.1%}, {cp[1]:.1%}]", verdict(diff_ci, 0.0, -1), None,
+                "{:.1%}", f"{LOOKUP_WORD[order]}-lookup − plain {t[key] - p[key]:+.1%} [{diff_ci[0]:+.1%}, "
+                f"{diff_ci[1]:+.1%}] decides{extra}")]
+    return Claim(f"bigram{order}", title, rows, figs,
+                 f"The analysis' {bf.get('n_bigrams', '?')} most frequent training bigrams as `[BOS, t₋₁, t]` inputs; "
+                 f"threshold as for unigrams ({(run.results.get('unigram_features') or {}).get('definition', '?')}, "
+                 "with the bigram's activation); live latents only. Intervals: Wilson; the difference by Newcombe's "
+                 "hybrid score method.")
 
 
 def claim_mse_slope(run: RunData, n_boot: int, seed: int) -> Claim:
@@ -650,10 +718,16 @@ def claim_structure(run: RunData, n_boot: int, seed: int, device: str = "cpu") -
 
 
 def evaluate_claims(run: RunData, device: str = "cpu") -> list[Claim]:
-    """The five claims of the module docstring, in order."""
+    """The five claims of the module docstring, in order; then, for every n-gram lookup order the run trained
+    (issue "n-gram lookup tables"), claims 1 and 2 repeated for that lookup and its bigram-feature share (B1–B3),
+    decided by the same rule."""
     n_boot, seed = run.cfg.train.bootstrap_samples, run.cfg.train.seed
-    return [claim_pareto(run, n_boot, seed), claim_convergence(run, n_boot, seed), claim_unigram(run),
-            claim_mse_slope(run, n_boot, seed), claim_structure(run, n_boot, seed, device)]
+    claims = [claim_pareto(run, n_boot, seed), claim_convergence(run, n_boot, seed), claim_unigram(run),
+              claim_mse_slope(run, n_boot, seed), claim_structure(run, n_boot, seed, device)]
+    for order in run.orders():
+        claims += [claim_pareto(run, n_boot, seed, order), claim_convergence(run, n_boot, seed, order),
+                   claim_bigram_features(run, order)]
+    return claims
 
 
 # -- the document -------------------------------------------------------------------------------------------------

@@ -143,3 +143,22 @@ def test_end_to_end_tiny(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "reusing the SAEs" in printed and "reusing the analysis" in printed
     assert "(reused)" in printed
+    # a bigram-lookup SAE added to the config afterwards: only it is trained (the others reused), the analysis
+    # reruns, and the bigram claims B2.1-B2.3 join the table, decided by the same rule
+    sets2 = [s for s in sets if not s.startswith("train.saes=") and not s.startswith("analyze.analyses=")] + [
+        TINY_SAES[:-1] + ', {architecture="topk", tokenized=true, lookup_ngram=2, lookup_rows_2=512, expansion=4, '
+                         'k=[4,8], init_like="plain-twin"}]',
+        'analyze.analyses=["mse_by_freq","mse_by_bigram","unigram_features","bigram_features","frontiers",'
+        '"matching","stitching","meta_sae"]']
+    mtimes = {p.parent.name: p.stat().st_mtime for p in (tmp_path / "saes").glob("*/eval.json")}
+    argv2 = ["--config", str(TINY), "--out", str(out), *sum((["--set", s] for s in sets2), [])]
+    capsys.readouterr()
+    assert R.main(argv2) == 0
+    printed = capsys.readouterr().out
+    assert "training the 2 added since" in printed and "reusing the analysis" not in printed
+    after = {p.parent.name: p.stat().st_mtime for p in (tmp_path / "saes").glob("*/eval.json")}
+    assert {n for n in after if n not in mtimes} == {"topk-tok-256-k4-ng2-r2512", "topk-tok-256-k8-ng2-r2512"}, after
+    assert all(after[n] == t for n, t in mtimes.items())  # the first SAEs untouched
+    text = out.read_text()
+    for claim in ("B2.1", "B2.2", "B2.3"):
+        assert any(line.startswith(f"| {claim} |") for line in text.splitlines()), claim
