@@ -326,13 +326,14 @@ class MultiTrainer:
             unknown = sorted(set(mo.param_lr) - set(named))
             if unknown:
                 raise ValueError(f"{name}: param_lr names {unknown}, which {type(sae).__name__} does not have")
-            dense = [p for n, p in named.items() if n != "W_lookup" and n not in mo.param_lr]
+            dense = [p for n, p in named.items() if not n.startswith("W_lookup") and n not in mo.param_lr]
             groups = [{"params": dense, "lr": lr}] + [{"params": [named[n]], "lr": v} for n, v in mo.param_lr.items()]
             params = [p for g in groups for p in g["params"]]
             optims: list[torch.optim.Optimizer] = [torch.optim.Adam(groups, lr=lr, betas=opts.betas,
                                                                     fused=_fused_ok(params))]
-            if sae.W_lookup is not None:
-                optims.append(LazyAdam([sae.W_lookup], lr=lookup_lr, betas=opts.betas))
+            lookups = [p for n, p in named.items() if n.startswith("W_lookup")]  # W_lookup, W_lookup_2, W_lookup_3
+            if lookups:
+                optims.append(LazyAdam(lookups, lr=lookup_lr, betas=opts.betas))
             scheds = [torch.optim.lr_scheduler.LambdaLR(o, sched) for o in optims]
             fwd = torch.compile(sae) if opts.compile else sae
             clip = opts.grad_clip if mo.grad_clip is None else mo.grad_clip
