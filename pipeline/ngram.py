@@ -10,8 +10,9 @@ tables for the most frequent bigrams and trigrams of the training split:
 pipeline shares about those n-grams:
 
 * a token's **context**: int64 ``[..., c]`` with columns ``(t₋(c−1), …, t₋₁, t)``; a predecessor that would lie
-  before the sequence start, is the BOS token, or precedes such a position is :data:`NONE` (−1), so no n-gram
-  ever crosses a sequence start or a BOS (:func:`context`);
+  before the sequence start, is the BOS token, or precedes such a position is :data:`NONE` (−1), and a BOS token
+  has no predecessors at all (it starts a sequence), so no n-gram ever crosses a sequence start or holds a BOS
+  (:func:`context`);
 * an n-gram's **key**: one int64 ``Σᵢ t₋ᵢ · d_vocabⁱ`` (t₀ = t), −1 when any of its tokens is :data:`NONE`
   (:func:`ngram_keys`, inverse :func:`split_keys`); it fits int64 for d_vocab < 2^21 (2,097,152);
 * the **index** from keys to table rows: sorted keys and their rows, looked up by binary search
@@ -48,7 +49,8 @@ def context(tokens: Tensor, c: int, bos_token_id: int | None = None) -> Tensor:
 
     tokens: int ``[..., seq]`` (each last-dim row one sequence, position 0 its start). Column ``c − 1`` is the
     token itself, column ``c − 1 − j`` its j-th predecessor, or :data:`NONE` where that predecessor lies before
-    position 0, equals ``bos_token_id`` (None: no BOS check), or follows a :data:`NONE`. Raises ValueError
+    position 0, equals ``bos_token_id`` (None: no BOS check), or follows a :data:`NONE`, and at every position
+    whose token is ``bos_token_id`` (a BOS starts a sequence: no n-gram ends on it). Raises ValueError
     on c < 1 or a 0-dim input.
     """
     if c < 1:
@@ -63,6 +65,8 @@ def context(tokens: Tensor, c: int, bos_token_id: int | None = None) -> Tensor:
         shifted[..., 1:] = prev[..., :-1]
         if bos_token_id is not None:
             shifted = shifted.masked_fill(shifted == bos_token_id, NONE)
+            if len(cols) == 1:  # a BOS token has no predecessors: (t₋₁, BOS) is no n-gram either
+                shifted = shifted.masked_fill(t == bos_token_id, NONE)
         # a predecessor of a NONE is NONE too (no n-gram reaches across a BOS or the start)
         if len(cols) > 1:
             shifted = shifted.masked_fill(cols[0] == NONE, NONE)
