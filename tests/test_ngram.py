@@ -312,3 +312,23 @@ def test_a_training_step_moves_only_the_batch_rows():
     tr2.step(x2, ctx2, log=False)
     for k, v in sae.state_dict().items():
         assert torch.equal(v, twin.state_dict()[k]), k
+
+
+def test_a_trainer_with_lazy_adam_survives_a_deep_copy():
+    """benchmarks/train.py re-allocates trainers by deepcopy: LazyAdam must keep its sync_free setting."""
+    import copy
+
+    from pipeline.training import LazyAdam, MultiTrainer, TrainOptions
+
+    sae, keys = random_ngram_sae(2, seed=11)
+    tr = MultiTrainer({"s": (sae, 1e-3, 1e-2)}, TrainOptions(total_steps=4, warmup_steps=1))
+    next(o for o in tr.members[0].optimizers if isinstance(o, LazyAdam)).sync_free = False
+    g = torch.Generator().manual_seed(12)
+    ctx = random_contexts(keys, 2, 60, g)
+    x = torch.randn(len(ctx), D, generator=g)
+    tr.step(x, ctx, log=False)
+    tr2 = copy.deepcopy(tr)
+    assert next(o for o in tr2.members[0].optimizers if isinstance(o, LazyAdam)).sync_free is False
+    tr.step(x, ctx, log=False)
+    tr2.step(x, ctx, log=False)
+    assert all(torch.equal(v, tr2.members[0].sae.state_dict()[k]) for k, v in sae.state_dict().items())
