@@ -26,6 +26,20 @@ shape; the peers' "shape A"):
   The tokenized SAEs' lookup rows are ordered by the token counts of the training data, as in training,
   and this run cycles 16 batches so that the set of tokens changes from step to step.
 
+* **n-gram overhead** (a run of its own, ``--ngram-rounds``; issue 18): the same tokenized SAE with its unigram
+  table alone and with a bigram table of ``--ngram-rows`` rows (``lookup_ngram`` 2, initialised from the counted
+  bigrams of the data, the BOS rule of pipeline/ngram.py), same init, same batches, both fed each token's context
+  (t₋₁, t) — ``--overhead-copies`` copies per side, re-allocated between ``--overhead-blocks`` blocks, as the
+  tokenized overhead. Printed: the median over rounds of the bigram copies' summed step time over the unigram
+  copies' - 1 (target ≤ 5%), its bootstrap CI and the spread (quartiles) over rounds, the fraction of positions
+  whose bigram has a row and the distinct rows a batch touches. The tokens are Markov sequences (each token
+  has 4 preferred successors, taken half the time; Zipf otherwise; a BOS at every sequence start), so bigrams
+  repeat as in text. Then **memory per table size**: for each of ``--ngram-mem-rows`` a fresh process builds the
+  bigram SAE and its trainer at this shape and takes one step (so LazyAdam's moments exist); printed are the
+  bytes of the table's tensors (W_lookup_2, its two Adam moments, the key and row index), read from their
+  storages, against the formula 3·(rows + 1)·d_model·4 + 2·rows·8, and the growth of the process's resident
+  memory (CPU; ``torch.cuda.memory_allocated`` on CUDA) over a twin process with the unigram table alone.
+
 Every variant runs one step per round, in an order rotated each round (as the peers' ``bench_train.py``),
 after ``--warmup`` untimed rounds, so drift of the shared host hits all of them alike; per variant the
 median step time gives tokens/s, and "× base" is the median over rounds of t(baseline) / t(variant) in
@@ -69,6 +83,7 @@ Run from the repository root::
     python benchmarks/train.py --rounds 0 --archs topk --overhead-rounds 60 --autocast bf16   # overhead only
     python benchmarks/train.py --autocast none --archs topk,relu --rounds 5
     python benchmarks/train.py --autocast both --rounds 0 --nmse-steps 300 --cache runs/demo/cache
+    python benchmarks/train.py --rounds 0 --overhead-rounds 0 --archs topk --ngram-rounds 30   # n-gram only
 
 Allocation as in ``python cli.py train``: ``THP_MEM_ALLOC_ENABLE=1`` (PyTorch's transparent-huge-page
 CPU allocation) unless the environment sets it (``--no-thp`` sets 0), and the trainer's
@@ -104,9 +119,13 @@ from pipeline.saes import ARCHITECTURES, SAEParams  # noqa: E402
 from pipeline.training import MultiTrainer, TrainOptions, input_scale, resolve_autocast  # noqa: E402
 
 D_MODEL, D_SAE, K, BATCH, D_VOCAB = 576, 4608, 32, 4096, 49152
-SHAPES = {"demo": (576, 4608, 32, 4096, 49152), "paper": (768, 12288, 32, 4096, 50257)}
+SHAPES = {"demo": (576, 4608, 32, 4096, 49152), "paper": (768, 12288, 32, 4096, 50257),
+          "small": (576, 2304, 32, 1024, 49152)}
 """--shape: (d_model, d_sae, k, batch, d_vocab). demo = SmolLM2-135M's, the peers' "shape A"; paper = GPT-2 small,
-expansion 16, k 32 (Gao et al. 2024; the tokenized-SAE paper's GPT-2 runs)."""
+expansion 16, k 32 (Gao et al. 2024; the tokenized-SAE paper's GPT-2 runs); small = the demo's d_model and
+vocabulary at a quarter of its batch and half its d_sae (quick checks on a busy CPU)."""
+NGRAM_BOS = 0
+"""The BOS id of the n-gram benchmark's synthetic sequences (at every sequence start)."""
 DEVICE = torch.device("cpu")
 BLOCK_STEPS = 1  # steps per timed block (between two device synchronisations on CUDA)
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu", "gated", "matryoshka_batchtopk"]
@@ -173,8 +192,9 @@ def zipf_tokens(n: int, perm: torch.Tensor, g: torch.Generator, s: float = 1.1) 
     return perm[ranks]
 
 
-def synthetic_data(n_batches: int, seed: int = 0) -> Data:
-    """Activation-like batches: mean + token direction + sparse features (power-law frequencies) + noise."""
+def synthetic_data(n_batches: int, seed: int = 0, tokens: torch.Tensor | None = None) -> Data:
+    """Activation-like batches: mean + token direction + sparse features (power-law frequencies) + noise.
+    ``tokens``: int64 [n_batches · BATCH] token ids to use (default: Zipf draws)."""
     g = torch.Generator().manual_seed(seed)
     d, n = D_MODEL, n_batches * BATCH
     mean = torch.randn(d, generator=g) * 0.8
@@ -183,7 +203,7 @@ def synthetic_data(n_batches: int, seed: int = 0) -> Data:
     feats = F.normalize(torch.randn(n_feat, d, generator=g), dim=1)
     freq = torch.arange(1, n_feat + 1, dtype=torch.float64).pow(-0.7)
     perm = torch.randperm(D_VOCAB, generator=g)
-    tokens = zipf_tokens(n, perm, g)
+    tokens = zipf_tokens(n, perm, g) if tokens is None else tokens[:n]
     which = torch.multinomial(freq / freq.sum(), n * active, replacement=True, generator=g)
     coef = torch.empty(n * active).exponential_(1.0, generator=g) * 1.5
     offsets = torch.arange(0, n * active, active)
@@ -240,13 +260,17 @@ def sync() -> None:
         torch.cuda.synchronize(DEVICE)
 
 
-def make_sae(arch: str, tokenized: bool, data: Data, seed: int, **kw):
+def make_sae(arch: str, tokenized: bool, data: Data, seed: int, ctxs: list[torch.Tensor] | None = None,
+             ngram_acts: dict | None = None, **kw):
+    """An SAE initialised from the data as stages/train.py does; ``ctxs`` (each batch's contexts [BATCH, c]) and
+    ``ngram_acts`` for an n-gram lookup (kw ``lookup_ngram``, ``lookup_rows_2``)."""
     torch.manual_seed(seed)
     p = SAEParams(arch, D_MODEL, D_SAE, k=K, tokenized=tokenized, d_vocab=data.d_vocab if tokenized else 0, **kw)
     sae = ARCHITECTURES[arch](p).to(DEVICE)  # as stages/train.py: moved, then initialised from the data
     x0 = torch.cat(data.xs[:4])
-    sae.init_from_data(x0, torch.cat(data.ts[:4]), data.unigram if tokenized else None, ALPHA,
-                       token_counts=data.counts if tokenized else None)
+    t0 = torch.cat((ctxs or data.ts)[:4])
+    sae.init_from_data(x0, t0, data.unigram if tokenized else None, ALPHA,
+                       token_counts=data.counts if tokenized else None, ngram_acts=ngram_acts)
     return sae
 
 
@@ -484,6 +508,202 @@ def report_overhead(results: dict[str, dict], archs: list[str], rounds: int, cop
     return lines
 
 
+# -- n-gram lookup (issue 18) ------------------------------------------------------------------------
+@dataclass
+class NgramData:
+    data: Data                  # activations and token ids (the last context column) of the batches
+    ctxs: list[torch.Tensor]    # int64 [BATCH, 2] each position's (t₋₁, t), -1 = none (pipeline.ngram.context)
+    keys: torch.Tensor          # int64 [M] every bigram of the sequences, by descending count
+    seqs: torch.Tensor          # int64 [n_seq, seq] the token sequences (BOS at position 0)
+
+
+def markov_sequences(n_seq: int, seq: int, g: torch.Generator, succ: int = 4, p_succ: float = 0.5) -> torch.Tensor:
+    """Token sequences int64 [n_seq, seq] with bigram structure: position 0 is :data:`NGRAM_BOS`; each later token
+    is, with probability ``p_succ``, one of ``succ`` fixed successors of the previous token (drawn once per
+    token from the Zipf law), else a Zipf draw (:func:`zipf_tokens`, s = 1.1, over d_vocab)."""
+    perm = torch.randperm(D_VOCAB, generator=g)
+    successors = zipf_tokens(D_VOCAB * succ, perm, g).view(D_VOCAB, succ)
+    out = torch.empty(n_seq, seq, dtype=torch.int64)
+    out[:, 0] = NGRAM_BOS
+    out[:, 1] = zipf_tokens(n_seq, perm, g)
+    for p in range(2, seq):
+        follow = torch.rand(n_seq, generator=g) < p_succ
+        pick = successors[out[:, p - 1], torch.randint(0, succ, (n_seq,), generator=g)]
+        out[:, p] = torch.where(follow, pick, zipf_tokens(n_seq, perm, g))
+    return out
+
+
+def ngram_data(n_batches: int, seed: int = 0, seq: int = 256) -> NgramData:
+    """Batches of positions drawn at random (BOS positions left out, as training excludes them) from
+    :func:`markov_sequences` (at least 2^20 tokens, which also give the bigram counts that pick the table's rows),
+    with synthetic activations (:func:`synthetic_data` on those tokens) and each position's context."""
+    from pipeline.ngram import context, count_ngrams
+
+    g = torch.Generator().manual_seed(seed + 1)
+    n = n_batches * BATCH
+    seqs = markov_sequences(max(n, 1 << 20) // seq + 1, seq, g)
+    ctx = context(seqs, 2, NGRAM_BOS)[:, 1:].reshape(-1, 2)
+    ctx = ctx[torch.randperm(len(ctx), generator=g)[:n]]
+    data = synthetic_data(n_batches, seed, tokens=ctx[:, 1].contiguous())
+    keys, _ = count_ngrams(seqs.numpy(), 2, D_VOCAB, NGRAM_BOS)
+    return NgramData(data, list(ctx.to(DEVICE).split(BATCH)), torch.from_numpy(keys), seqs)
+
+
+def bigram_acts(nd: NgramData, rows: int, seed: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``ngram_acts`` for a bigram table of ``rows`` rows: the most frequent bigrams' keys and stand-in
+    [BOS, a, b] activations (the unigram row of b plus a random offset of a third of its norm)."""
+    from pipeline.ngram import split_keys
+
+    keys = nd.keys[:rows]
+    b = split_keys(keys, 2, D_VOCAB)[:, 1]
+    u = nd.data.unigram.cpu()[b]
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(u.shape, generator=g) * u.norm(dim=1, keepdim=True) / (3 * D_MODEL ** 0.5)
+    return {2: (keys, u + noise)}
+
+
+def make_ngram_pair(arch: str, nd: NgramData, rows: int, seed: int = 1):
+    """(unigram-table SAE, bigram-table SAE) of the same init (same seed: identical encoder, decoder, biases and
+    unigram table; the second adds W_lookup_2 of ``rows`` rows)."""
+    uni = make_sae(arch, True, nd.data, seed, ctxs=nd.ctxs)
+    bi = make_sae(arch, True, nd.data, seed, ctxs=nd.ctxs, ngram_acts=bigram_acts(nd, rows), lookup_ngram=2,
+                  lookup_rows_2=rows, bos_token_id=NGRAM_BOS)
+    return uni, bi
+
+
+def run_ngram_overhead(dtype: torch.dtype | None, archs: list[str], nd: NgramData, args) -> dict:
+    """As :func:`run_overhead`, unigram-table copies ("uni i") against bigram-table twins ("bi i") of one init,
+    every step fed the same batch of contexts [BATCH, 2]. Also records each SAE's hit rate and distinct rows."""
+    prec = "bf16" if dtype is not None else "fp32"
+    trainers: dict[str, MultiTrainer] = {}
+    stats = {}
+    for arch in archs:
+        uni, bi = make_ngram_pair(arch, nd, args.ngram_rows)
+        rows = [bi.ngram_rows(c, 2) for c in nd.ctxs]
+        stats[arch] = (statistics.mean(float((r < args.ngram_rows).float().mean()) for r in rows),
+                       statistics.mean(len(torch.unique(r[r < args.ngram_rows])) for r in rows))
+        for i in range(args.overhead_copies):
+            for var, sae in (("uni", uni), ("bi", bi)):
+                trainers[f"{arch}/{var} {i}"] = trainer({arch: sae if i == 0 else copy.deepcopy(sae)}, dtype)
+    nb = len(nd.ctxs)
+    xs = nd.data.xs
+    entries = {name: (lambda i, name=name: trainers[name].step(xs[i % nb], nd.ctxs[i % nb], log=False))
+               for name in trainers}
+    blocks = args.ngram_blocks
+    times: dict[str, list[float]] = {}
+    done = 0
+    for b in range(blocks):
+        if b:
+            for name in trainers:
+                trainers[name] = copy.deepcopy(trainers[name])
+            gc.collect()
+        n = (args.ngram_rounds - done) // (blocks - b)
+        part = interleave(entries, args.warmup if b == 0 else 1, n,
+                          f"bigram overhead {prec}, placement {b + 1}/{blocks}", first_round=done)
+        done += n
+        for k, v in part.items():
+            times.setdefault(k, []).extend(v)
+    trainers.clear()
+    del entries
+    gc.collect()
+    times["_stats"] = stats
+    return times
+
+
+def report_ngram_overhead(results: dict[str, dict], archs: list[str], args) -> list[str]:
+    """The bigram table's step overhead over the unigram table alone, per architecture and precision."""
+    copies = args.overhead_copies
+    lines = [f"bigram-table overhead (issue 18; {args.ngram_rounds} rounds, lookup_rows_2 = {args.ngram_rows:,}; per "
+             f"architecture {copies} identical unigram-table SAEs and {copies} bigram-table twins of the same init, "
+             "same batches of contexts (t₋₁, t), interleaved, order reversed every other round, re-allocated between "
+             f"{args.ngram_blocks} blocks): median over rounds of the bigram copies' "
+             "summed step time over the unigram copies' - 1 (target ≤ 5%); 95% CI: bootstrap of that median; "
+             "quartiles: the spread of the per-round ratios; hit: positions whose bigram has a row; rows: distinct "
+             "table rows a batch touches"]
+    lines.append(f"  {'architecture':<13} {'prec':<5} {'uni ms':>8} {'bi ms':>8} {'overhead':>9} {'95% CI':>15} "
+                 f"{'quartiles':>15} {'uni 1/0':>8} {'hit':>5} {'rows':>6}  ≤ 5%")
+    for prec, times in results.items():
+        for arch in archs:
+            u = list(zip(*(times[f"{arch}/uni {i}"] for i in range(copies))))
+            b = list(zip(*(times[f"{arch}/bi {i}"] for i in range(copies))))
+            ratios = [sum(bi) / sum(ui) - 1 for ui, bi in zip(u, b)]
+            o = statistics.median(ratios)
+            lo, hi = bootstrap_median_ci(ratios)
+            q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [o, o, o]
+            cu = statistics.median(r[1] / r[0] - 1 for r in u) if copies > 1 else float("nan")
+            hit, rows = times["_stats"][arch]
+            verdict = "yes" if hi <= 0.05 else ("~" if lo <= 0.05 else "NO")
+            lines.append(f"  {SHORT.get(arch, arch):<13} {prec:<5} {statistics.median(sum(r) for r in u) / copies * 1e3:8.1f} "
+                         f"{statistics.median(sum(r) for r in b) / copies * 1e3:8.1f} {o:+9.1%} "
+                         f"{f'[{lo:+.1%}, {hi:+.1%}]':>15} {f'[{q[0]:+.1%}, {q[2]:+.1%}]':>15} {cu:+8.1%} "
+                         f"{hit:5.0%} {rows:6.0f}  {verdict}")
+    return lines
+
+
+def _rss_bytes() -> int:
+    """Resident memory of this process (bytes), from /proc/self/statm."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_probe(arch: str, rows: int, autocast: torch.dtype | None) -> dict:
+    """Build one tokenized SAE (bigram table of ``rows`` rows; 0 = unigram table alone) and its trainer at this
+    shape, take one step, and return {"rss" or "cuda": bytes the process grew by, "table": bytes of W_lookup_2,
+    its LazyAdam moments and its index buffers read from their storages (0 without the table)}."""
+    from pipeline.training import LazyAdam
+
+    nd = ngram_data(1)
+    acts = bigram_acts(nd, rows) if rows else None  # the init's inputs exist before the measurement starts
+    gc.collect()
+    before = torch.cuda.memory_allocated(DEVICE) if DEVICE.type == "cuda" else _rss_bytes()
+    if rows:
+        sae = make_sae(arch, True, nd.data, 1, ctxs=nd.ctxs, ngram_acts=acts, lookup_ngram=2,
+                       lookup_rows_2=rows, bos_token_id=NGRAM_BOS)
+    else:
+        sae = make_sae(arch, True, nd.data, 1, ctxs=nd.ctxs)
+    tr = trainer({arch: sae}, autocast)
+    tr.step(nd.data.xs[0], nd.ctxs[0], log=False)
+    sync()
+    gc.collect()
+    after = torch.cuda.memory_allocated(DEVICE) if DEVICE.type == "cuda" else _rss_bytes()
+    table = 0
+    if rows:
+        W = sae.W_lookup_2
+        lazy = next(o for o in tr.members[0].optimizers if isinstance(o, LazyAdam))
+        st = lazy.state[W]
+        table = sum(t.untyped_storage().nbytes() for t in (W, st["exp_avg"], st["exp_avg_sq"], sae.ngram_keys_2,
+                                                            sae.ngram_rows_2))
+    return {"grew": after - before, "table": table, "kind": "cuda" if DEVICE.type == "cuda" else "rss"}
+
+
+def run_memory(arch: str, rows_list: list[int], args) -> list[str]:
+    """Memory per bigram-table size: each size (and 0, the unigram-table twin) measured by
+    :func:`memory_probe` in a fresh process (so freed memory of one build is not reused by the next)."""
+    import json
+    import subprocess
+
+    res = {}
+    for rows in [0] + rows_list:
+        cmd = [sys.executable, __file__, "--memory-probe", str(rows), "--archs", arch, "--shape", args.shape,
+               "--device", str(DEVICE), "--threads", str(args.threads),
+               "--autocast", {"both": "none"}.get(args.autocast, args.autocast)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        res[rows] = json.loads(out)
+    kind = res[0]["kind"]
+    lines = [f"bigram-table memory ({arch}, d_model {D_MODEL}; each size built in a fresh process with its trainer and "
+             f"one step taken): table = bytes of W_lookup_2 + its two LazyAdam moments + ngram_keys_2 + ngram_rows_2 "
+             f"read from their storages; formula 3·(rows + 1)·d_model·4 + 2·rows·8; grown = the process's "
+             f"{'resident memory (RSS)' if kind == 'rss' else 'torch.cuda.memory_allocated'} growth over building and "
+             "stepping it, minus that of the unigram-table twin",
+             f"  {'lookup_rows_2':>13} {'table MiB':>10} {'formula MiB':>12} {'grown MiB':>10} {'grown/table':>12}"]
+    for rows in rows_list:
+        formula = 3 * (rows + 1) * D_MODEL * 4 + 2 * rows * 8
+        grown = res[rows]["grew"] - res[0]["grew"]
+        lines.append(f"  {rows:13,} {res[rows]['table'] / 2**20:10.2f} {formula / 2**20:12.2f} {grown / 2**20:10.2f} "
+                     f"{grown / max(1, res[rows]['table']):12.2f}")
+    return lines
+
+
 def run_multi(dtype: torch.dtype | None, n: int, data: Data, args) -> dict:
     prec = "bf16" if dtype is not None else "fp32"
     saes = {f"topk{i}": make_sae("topk", False, data, seed=10 + i) for i in range(n)}
@@ -598,6 +818,13 @@ def main() -> None:
     ap.add_argument("--overhead-blocks", type=int, default=5,
                     help="memory placements of the tokenized-overhead run: every trainer is re-allocated (deep copy) "
                          "before each block of rounds after the first (default 5)")
+    ap.add_argument("--ngram-rounds", type=int, default=None,
+                    help="rounds of the bigram-vs-unigram table overhead run (default 20; quick 10; 0 skips it and "
+                         "the memory table)")
+    ap.add_argument("--ngram-rows", type=int, default=16384, help="lookup_rows_2 of the overhead run (default 16384)")
+    ap.add_argument("--ngram-mem-rows", default="4096,16384,65536",
+                    help="comma list of lookup_rows_2 for the memory table (default 4096,16384,65536; empty skips)")
+    ap.add_argument("--memory-probe", type=int, default=None, help=argparse.SUPPRESS)  # run_memory's child process
     ap.add_argument("--n-multi", type=int, default=None, help="N of the N-in-one test (default 4; quick 2; 0 skips)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, like the peers)")
     ap.add_argument("--cache", default="", help="real activation cache to draw batches from (default: synthetic)")
@@ -627,6 +854,8 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.n_multi = args.n_multi if args.n_multi is not None else (2 if args.quick else 4)
     args.overhead_rounds = args.overhead_rounds if args.overhead_rounds is not None else (15 if args.quick else 30)
+    args.ngram_rounds = args.ngram_rounds if args.ngram_rounds is not None else (10 if args.quick else 20)
+    args.ngram_blocks = max(1, min(args.overhead_blocks, args.ngram_rounds))
     args.overhead_blocks = max(1, min(args.overhead_blocks, args.overhead_rounds))  # at least one round a block
     args.auxk = args.auxk and not args.quick
     archs = [a for a in args.archs.split(",") if a]
@@ -639,6 +868,12 @@ def main() -> None:
         raise SystemExit(f"unknown architectures {sorted(unknown)}; known: {sorted(ARCHITECTURES)}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.memory_probe is not None:
+        import json
+
+        print(json.dumps(memory_probe(archs[0], args.memory_probe,
+                                      {"bf16": torch.bfloat16}.get(args.autocast))))
+        return
     auto = resolve_autocast("auto", DEVICE)
     auto_s = "bf16" if auto is not None else "fp32"
     precs = {"auto": [(auto_s, auto)], "none": [("fp32", None)], "bf16": [("bf16", torch.bfloat16)],
@@ -662,6 +897,16 @@ def main() -> None:
         data = to_device(cache_data(args.cache, 16) if args.cache else synthetic_data(16))  # varied token sets
         over = {prec: run_overhead(dt, archs, data, args) for prec, dt in precs}
         lines += [""] + report_overhead(over, archs, args.overhead_rounds, args.overhead_copies, args.overhead_blocks)
+    if args.ngram_rounds > 0:
+        nd = ngram_data(16)
+        print(f"n-gram data: {nd.data.source}; Markov token sequences, {len(nd.keys):,} distinct bigrams", flush=True)
+        over = {prec: run_ngram_overhead(dt, archs, nd, args) for prec, dt in precs}
+        lines += [""] + report_ngram_overhead(over, archs, args)
+        del nd
+        gc.collect()
+        mem_rows = [int(r) for r in args.ngram_mem_rows.split(",") if r]
+        if mem_rows:
+            lines += [""] + run_memory(archs[0], mem_rows, args)
     if args.nmse_steps > 0:
         lines += [""] + nmse_check(args, [a for a in args.nmse_archs.split(",") if a])
     print("\n".join(lines))

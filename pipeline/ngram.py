@@ -10,8 +10,9 @@ tables for the most frequent bigrams and trigrams of the training split:
 pipeline shares about those n-grams:
 
 * a token's **context**: int64 ``[..., c]`` with columns ``(t₋(c−1), …, t₋₁, t)``; a predecessor that would lie
-  before the sequence start, is the BOS token, or precedes such a position is :data:`NONE` (−1), so no n-gram
-  ever crosses a sequence start or a BOS (:func:`context`);
+  before the sequence start, is the BOS token, or precedes such a position is :data:`NONE` (−1), and a BOS token
+  has no predecessors at all (it starts a sequence), so no n-gram ever crosses a sequence start or holds a BOS
+  (:func:`context`);
 * an n-gram's **key**: one int64 ``Σᵢ t₋ᵢ · d_vocabⁱ`` (t₀ = t), −1 when any of its tokens is :data:`NONE`
   (:func:`ngram_keys`, inverse :func:`split_keys`); it fits int64 for d_vocab < 2^21 (2,097,152);
 * the **index** from keys to table rows: sorted keys and their rows, looked up by binary search

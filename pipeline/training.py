@@ -174,6 +174,13 @@ class LazyAdam(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps))
         self.sync_free = sync_free
 
+    def __getstate__(self):  # torch.optim.Optimizer pickles / deep-copies defaults, state and groups alone
+        return {**super().__getstate__(), "sync_free": self.sync_free}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("sync_free", None)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None

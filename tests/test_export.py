@@ -215,3 +215,94 @@ def test_export_command_single_and_out_dir(tmp_path, capsys):
     assert export_command(tmp_path / "saes" / "topk", tmp_path / "one") == [tmp_path / "one"]
     with pytest.raises(FileNotFoundError):
         export_command(tmp_path / "out" / "missing", tmp_path / "x")
+
+
+# -- n-gram lookups (bigram / trigram tables) --------------------------------------------------------------
+@pytest.mark.parametrize("order", [2, 3])
+def test_ngram_sae_save_load_and_state_dict_round_trips(tmp_path, order):
+    """load_sae(save(sae)) and a fresh SAE loading sae.state_dict() (as a checkpoint does) give every output equal."""
+    from tests.test_ngram import random_contexts, random_ngram_sae
+
+    sae, keys = random_ngram_sae(order, seed=order, bos=0)
+    back = load_sae(sae.save(tmp_path / "s"))
+    fresh = ARCHITECTURES["topk"](SAEParams(**{**sae.params.__dict__})).eval()
+    fresh.load_state_dict({k: v.clone() for k, v in sae.state_dict().items()})
+    g = torch.Generator().manual_seed(3)
+    ctx = random_contexts(keys, order, 300, g)
+    x = torch.randn(len(ctx), D, generator=g)
+    seqs = torch.randint(0, V, (4, 20), generator=g)
+    xs = torch.randn(4, 20, D, generator=g)
+    for other in (back, fresh):
+        assert other.params == sae.params
+        assert other.state_dict().keys() == sae.state_dict().keys()
+        assert all(torch.equal(v, other.state_dict()[k]) for k, v in sae.state_dict().items())
+        with torch.no_grad():
+            a, b = sae(x, ctx), other(x, ctx)
+            assert torch.equal(a.x_hat, b.x_hat) and torch.equal(a.loss, b.loss)
+            assert torch.equal(sae.reconstruct(xs, seqs), other.reconstruct(xs, seqs))
+        for n in range(2, order + 1):
+            ga, wa = sae.ngram_table(n)
+            gb, wb = other.ngram_table(n)
+            assert torch.equal(ga, gb) and torch.equal(wa, wb) and len(ga) == len(keys[n])
+
+
+@pytest.mark.parametrize("order,arch", [(2, "topk"), (3, "jumprelu")])
+def test_ngram_export_reloads_to_the_same_reconstruction(tmp_path, order, arch):
+    from pipeline.export import tsae_lookup
+    from pipeline.ngram import context, split_keys
+    from tests.test_ngram import random_contexts, random_ngram_sae
+
+    sae, keys = random_ngram_sae(order, rows=(20, 25), given=(16, 25), arch=arch, seed=order, bos=0)
+    out = export_saelens(sae.save(tmp_path / "tsae"), tmp_path / "sl")
+    lk = load_np(str(out / LOOKUP_FILE))
+    want = {"W_lookup", "lookup_index"} | {f"{k}_{n}" for n in range(2, order + 1) for k in ("W_lookup", "lookup_ngrams")}
+    assert set(lk) == want
+    for n in range(2, order + 1):
+        rows = getattr(sae.params, f"lookup_rows_{n}")
+        assert lk[f"W_lookup_{n}"].dtype == np.float32 and lk[f"W_lookup_{n}"].shape == (rows + 1, D)
+        assert lk[f"lookup_ngrams_{n}"].dtype == np.int64 and lk[f"lookup_ngrams_{n}"].shape == (rows, n)
+        assert not lk[f"W_lookup_{n}"][rows].any()  # the fallback row
+        m = len(keys[n])  # rows no n-gram was given are -1
+        np.testing.assert_array_equal(lk[f"lookup_ngrams_{n}"][:m], split_keys(keys[n], n, V).numpy())
+        assert (lk[f"lookup_ngrams_{n}"][m:] == -1).all()
+    cfg = json.loads((out / SAELENS_CONFIG_FILE).read_text())
+    meta = cfg["metadata"]["tsae"]
+    assert meta["lookup"]["ngram_order"] == order and meta["lookup"]["bos_token_id"] == 0
+    assert "W_lookup_2[row of (t-1, t)" in meta["lookup"]["formula"] and set(meta["lookup"]["tensors"]) == want
+    assert not any(k.startswith(("ngram_", "W_lookup")) for k in meta["dropped_tensors"])
+
+    lookup = tsae_lookup(out)
+    assert lookup.order == order and lookup.bos_token_id == 0
+    w = load_np(str(out / SAELENS_WEIGHTS_FILE))
+    g = torch.Generator().manual_seed(4)
+    ctx = random_contexts(keys, order, 300, g)
+    x = sae.b_dec.detach() + torch.randn(len(ctx), D, generator=g)
+    f_np = saelens_encode_np(w, cfg, x.numpy())
+    x_hat = torch.from_numpy(f_np @ w["W_dec"].astype(np.float64) + w["b_dec"]) + lookup(ctx).double()
+    with torch.no_grad():
+        ours = sae.reconstruct(x, ctx).double()
+        assert torch.equal(lookup(ctx), sae.lookup(ctx))  # the lookup term itself: bit for bit
+    torch.testing.assert_close(x_hat, ours, rtol=0, atol=1e-5 * float(ours.abs().max()))
+    # whole sequences with BOS inside: the export's context rule is the SAE's
+    seqs = torch.randint(0, V, (3, 25), generator=g)
+    seqs[:, ::7] = 0
+    with torch.no_grad():
+        assert torch.equal(lookup.sequences(seqs), sae.lookup(context(seqs, order, 0).reshape(-1, order)).view(3, 25, D))
+    with pytest.raises(ValueError, match="context"):
+        lookup(ctx[:, -1])
+
+
+def test_ngram_export_errors():
+    from pipeline.export import lookup_tensors
+    from tests.test_ngram import random_ngram_sae
+
+    sae, _ = random_ngram_sae(2)
+    state = sae.state_dict()
+    with pytest.raises(ExportError, match="ngram_keys_2"):
+        lookup_tensors({k: v for k, v in state.items() if k != "ngram_keys_2"}, sae.params)
+    bad = {**state, "W_lookup_2": state["W_lookup_2"].clone()}
+    bad["W_lookup_2"][-1] = 1.0
+    with pytest.raises(ExportError, match="fallback row"):
+        lookup_tensors(bad, sae.params)
+    with pytest.raises(ExportError, match="permutation"):
+        lookup_tensors({**state, "ngram_rows_2": torch.zeros_like(state["ngram_rows_2"])}, sae.params)
