@@ -447,10 +447,21 @@ def run_overhead(dtype: torch.dtype | None, archs: list[str], data: Data, args) 
         for i in range(args.overhead_copies):
             for var, sae in (("plain", plain), ("tok", tok)):
                 trainers[f"{arch}/{var} {i}"] = trainer({arch: sae if i == 0 else copy.deepcopy(sae)}, dtype)
-    nb = len(data.xs)
-    entries = {name: (lambda i, name=name: trainers[name].step(data.xs[i % nb], data.ts[i % nb], log=False))
+    times = placed_rounds(trainers, data.xs, data.ts, args.overhead_blocks, args.overhead_rounds, args.warmup,
+                          f"tokenized overhead {prec}")
+    trainers.clear()  # free every SAE before the next precision
+    gc.collect()
+    return times
+
+
+def placed_rounds(trainers: dict[str, MultiTrainer], xs: list, ts: list, blocks: int, rounds: int, warmup: int,
+                  label: str) -> dict[str, list[float]]:
+    """Step times (s) per trainer over ``rounds`` :func:`interleave` rounds on batches (xs[i], ts[i]), run in
+    ``blocks`` blocks; before each block after the first every trainer is replaced (in ``trainers``) by a deep copy
+    of itself (same state, fresh memory) and one untimed round follows."""
+    nb = len(xs)
+    entries = {name: (lambda i, name=name: trainers[name].step(xs[i % nb], ts[i % nb], log=False))
                for name in trainers}
-    blocks = args.overhead_blocks
     times: dict[str, list[float]] = {}
     done = 0
     for b in range(blocks):
@@ -458,15 +469,12 @@ def run_overhead(dtype: torch.dtype | None, archs: list[str], data: Data, args) 
             for name in trainers:
                 trainers[name] = copy.deepcopy(trainers[name])  # the old copy is freed here
             gc.collect()
-        n = (args.overhead_rounds - done) // (blocks - b)
-        part = interleave(entries, args.warmup if b == 0 else 1, n,
-                          f"tokenized overhead {prec}, placement {b + 1}/{blocks}", first_round=done)
+        n = (rounds - done) // (blocks - b)
+        part = interleave(entries, warmup if b == 0 else 1, n, f"{label}, placement {b + 1}/{blocks}",
+                          first_round=done)
         done += n
         for k, v in part.items():
             times.setdefault(k, []).extend(v)
-    trainers.clear()  # free every SAE before the next precision
-    del entries
-    gc.collect()
     return times
 
 
@@ -585,26 +593,9 @@ def run_ngram_overhead(dtype: torch.dtype | None, archs: list[str], nd: NgramDat
         for i in range(args.overhead_copies):
             for var, sae in (("uni", uni), ("bi", bi)):
                 trainers[f"{arch}/{var} {i}"] = trainer({arch: sae if i == 0 else copy.deepcopy(sae)}, dtype)
-    nb = len(nd.ctxs)
-    xs = nd.data.xs
-    entries = {name: (lambda i, name=name: trainers[name].step(xs[i % nb], nd.ctxs[i % nb], log=False))
-               for name in trainers}
-    blocks = args.ngram_blocks
-    times: dict[str, list[float]] = {}
-    done = 0
-    for b in range(blocks):
-        if b:
-            for name in trainers:
-                trainers[name] = copy.deepcopy(trainers[name])
-            gc.collect()
-        n = (args.ngram_rounds - done) // (blocks - b)
-        part = interleave(entries, args.warmup if b == 0 else 1, n,
-                          f"bigram overhead {prec}, placement {b + 1}/{blocks}", first_round=done)
-        done += n
-        for k, v in part.items():
-            times.setdefault(k, []).extend(v)
+    times = placed_rounds(trainers, nd.data.xs, nd.ctxs, args.ngram_blocks, args.ngram_rounds, args.warmup,
+                          f"bigram overhead {prec}")
     trainers.clear()
-    del entries
     gc.collect()
     times["_stats"] = stats
     return times
