@@ -764,6 +764,14 @@ def format_ci(v, ci, fmt: str) -> str:
     return f"{v:{fmt}}" + (f" [{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "")
 
 
+def tokenized_label(r: dict) -> str:
+    """The summary table's "tok" cell of an eval row: no, yes (unigram lookup), yes, bigram / yes, trigram."""
+    if not r["tokenized"]:
+        return "no"
+    n = int(r.get("lookup_ngram") or 1)
+    return "yes" if n == 1 else f"yes, {'bigram' if n == 2 else 'trigram'}"
+
+
 def format_table(results: list[dict], unigram_fraction: dict[str, float] | None = None,
                  paired: list[dict] | None = None) -> str:
     """The end-of-run table (tabulate, full SAE names): held-out NMSE, explained variance, L0, dead latents,
@@ -779,7 +787,7 @@ def format_table(results: list[dict], unigram_fraction: dict[str, float] | None 
     rows, windows = [], set()
     for r in results:
         kl = r.get("k") if r.get("k") is not None else r.get("sparsity_coeff")
-        row = [r["name"], r["architecture"], "yes" if r["tokenized"] else "no", r["d_sae"], format_ci(kl, None, "g"),
+        row = [r["name"], r["architecture"], tokenized_label(r), r["d_sae"], format_ci(kl, None, "g"),
                format_ci(r.get("nmse"), r.get("nmse_ci95"), ".4f"), format_ci(r.get("explained_variance"), None, ".4f"),
                format_ci(r.get("l0"), r.get("l0_ci95"), ".2f"), format_ci(r.get("dead_frac_heldout"), None, ".1%"),
                format_ci(r.get("ce_added"), r.get("ce_added_ci95"), ".4f"),
