@@ -281,3 +281,37 @@ init_like = "tok"
     top = max(pairs.items(), key=lambda kv: (kv[1], -(kv[0][0] * V_SYN + kv[0][1])))[0]
     assert tuple(grams[0].tolist()) == top
     assert split_keys(ngram_keys(grams, 2, V_SYN), 2, V_SYN).tolist() == grams.tolist()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_trains_with_a_trigram_lookup(arch):
+    """Each architecture with lookup_ngram = 3: a trainer step on contexts moves only its touched n-gram rows, the
+    loss is finite, and ids alone are refused."""
+    V, d = 12, 8
+    g = torch.Generator().manual_seed(3)
+    seqs = torch.randint(1, V, (16, 9), generator=g)
+    seqs[:, 0] = 0
+    ctx = context(seqs, 3, 0)[:, 1:].reshape(-1, 3)
+    x = torch.randn(len(ctx), d, generator=g)
+    torch.manual_seed(0)
+    p = SAEParams(architecture=arch, d_model=d, d_sae=32, k=4, tokenized=True, d_vocab=V, lookup_ngram=3,
+                  lookup_rows_2=30, lookup_rows_3=30, bos_token_id=0, prefixes=[8, 16, 32] if "matryoshka" in arch
+                  else [])
+    sae = ARCHITECTURES[arch](p)
+    acts = {}
+    for n in (2, 3):
+        keys = torch.unique(ngram_keys(ctx, n, V))
+        keys = keys[keys >= 0][:30]
+        acts[n] = (keys, torch.randn(len(keys), d, generator=g))
+    sae.init_from_data(x, ctx, torch.randn(V, d, generator=g), 0.5,
+                       token_counts=torch.bincount(seqs.reshape(-1), minlength=V).double(), ngram_acts=acts)
+    before = {n: getattr(sae, f"W_lookup_{n}").detach().clone() for n in (2, 3)}
+    tr = MultiTrainer({"s": (sae, 1e-2, 1e-1)}, TrainOptions(total_steps=2, warmup_steps=0))
+    out = tr.step(x[:64], ctx[:64])
+    assert np.isfinite(out["s"]["loss"])
+    for n in (2, 3):
+        touched = set(sae.ngram_rows(ctx[:64], n).tolist()) - {30}
+        moved = set(torch.nonzero((getattr(sae, f"W_lookup_{n}").detach() != before[n]).any(1)).flatten().tolist())
+        assert moved == touched and touched, (n, moved, touched)
+    with pytest.raises(ValueError, match="context"):
+        sae(x[:4], ctx[:4, -1])
