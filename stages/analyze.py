@@ -481,7 +481,7 @@ def section_bigram_features(ctx: Context) -> Section:
     with the unigram section's threshold, live-latent rule, Wilson intervals and sweep."""
     from pipeline.analysis import bigrams as B
     from pipeline.analysis import unigram_features as U
-    from pipeline.models import ngram_activations
+    from pipeline.ngram import cached_ngram_activations
 
     a = ctx.cfg.analyze
     mode, thr = a.unigram_threshold_mode, a.unigram_threshold
@@ -491,8 +491,9 @@ def section_bigram_features(ctx: Context) -> Section:
     grams, counts = B.top_bigrams(bg, B.N_TOP_BIGRAMS, ctx.bos_token_id)
     if not len(grams):
         return Section("bigram_features", title, ["The training split has no bigram."])
-    with ctx.lm_autocast():
-        acts = ngram_activations(ctx.lm, [ctx.hook], torch.from_numpy(grams), progress=False)[ctx.hook]
+    # the cache's stored bigram activations (written by the training of a bigram lookup), the rest computed once
+    acts, _ = cached_ngram_activations(ctx.cache, ctx.hook, 2, grams[:, 0] * ctx.d_vocab + grams[:, 1],
+                                       ctx.device, progress=False)
     share = float(counts.sum() / max(bg.total, 1))
     rows, sweeps, hist, tops = [], {}, {}, {}
     for n, s in ctx.saes.items():
@@ -545,7 +546,8 @@ def section_bigram_features(ctx: Context) -> Section:
     return Section("bigram_features", title,
                    [f"The {len(grams):,} most frequent bigrams (t₋₁, t) of the training split (held-out chunks never "
                     f"counted; none starting with a BOS), {share:.1%} of its bigram occurrences, are run through the "
-                    "cache's model as `[BOS, t₋₁, t]` (`pipeline.models.ngram_activations`) and the activation "
+                    "cache's model as `[BOS, t₋₁, t]` (read from the cache's bigram table where training stored them, "
+                    "else computed and stored: `pipeline.ngram.cached_ngram_activations`) and the activation "
                     f"b_(t₋₁,t) at `{ctx.hook}` (last position) is encoded; the bigram activates latent i when "
                     f"{definition}. Live latents only, as in the unigram section; interval: {U.INTERVAL_METHOD}. "
                     "“Bigram but no unigram”: live latents some bigram input activates and no `[BOS, t]` unigram "

@@ -157,8 +157,8 @@ def by_bigram_frequency(values: dict[str, np.ndarray], counts: np.ndarray, n_bin
 
 def top_bigrams(train_bigrams, n_top: int = N_TOP_BIGRAMS, bos_token_id: int | None = None) -> tuple[np.ndarray,
                                                                                                        np.ndarray]:
-    """The ``n_top`` most frequent bigrams of the training split with no BOS as t₋₁ (a bigram starting with a BOS
-    crosses it, :func:`pipeline.ngram.context`): (grams int64 [N, 2] oldest first, counts int64 [N]), N ≤ n_top,
+    """The ``n_top`` most frequent bigrams of the training split without a BOS (a bigram holding a BOS crosses it,
+    :func:`pipeline.ngram.context`): (grams int64 [N, 2] oldest first, counts int64 [N]), N ≤ n_top,
     descending count (ties: ascending code). train_bigrams: :class:`pipeline.analysis.ngrams.NgramCounts`, n = 2.
     Raises ValueError on other n or n_top < 1."""
     if train_bigrams.n != 2:
@@ -167,7 +167,8 @@ def top_bigrams(train_bigrams, n_top: int = N_TOP_BIGRAMS, bos_token_id: int | N
         raise ValueError(f"n_top={n_top} must be >= 1")
     V = train_bigrams.d_vocab
     codes, counts = np.asarray(train_bigrams.codes), np.asarray(train_bigrams.counts)
-    keep = np.ones(len(codes), bool) if bos_token_id is None or bos_token_id < 0 else codes // V != bos_token_id
+    keep = (np.ones(len(codes), bool) if bos_token_id is None or bos_token_id < 0 else
+            (codes // V != bos_token_id) & (codes % V != bos_token_id))  # no n-gram holds a BOS
     codes, counts = codes[keep][:n_top], counts[keep][:n_top]
     return np.stack([codes // V, codes % V], axis=1).astype(np.int64), counts.astype(np.int64)
 
