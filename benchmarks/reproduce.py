@@ -42,6 +42,7 @@ side → "not reproduced"; containing it (or no interval) → "inconclusive". A 
 the paper's own number lies inside our interval is shown beside it (:func:`paper_overlap`) but does not decide.
 
     python benchmarks/reproduce.py [--config CONFIG] [--out docs/reproduction.md] [--set section.key=value ...]
+                                   [--note "conditions of the run"]
 
 Reuse: the harvest reuses a complete cache by itself; training is skipped when ``<train.out_dir>/reproduce.json``
 records the same run (cache, [train] settings, SAE names) and every SAE's outputs exist; the analysis likewise
@@ -744,9 +745,10 @@ def machine() -> dict[str, str]:
     return facts
 
 
-def write_document(claims: list[Claim], run: RunData, times: dict, command: str, out: Path) -> Path:
+def write_document(claims: list[Claim], run: RunData, times: dict, command: str, out: Path, note: str = "") -> Path:
     """Write the Markdown document: the claims table, per-claim details with figures (copied next to the
-    document under ``<stem>_figures/``), the command, the machine and the wall time per stage."""
+    document under ``<stem>_figures/``), the command, the machine and the wall time per stage (``note``: a line
+    about the conditions of the run, e.g. a shared host, printed under the wall times)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fig_dir = out.parent / f"{out.stem}_figures"
     adir = Path(run.cfg.analyze.out_dir)
@@ -777,6 +779,8 @@ def write_document(claims: list[Claim], run: RunData, times: dict, command: str,
     for stage, t in times.items():
         how = "reused: the time of the run that wrote it" if t["reused"] else "this run"
         lines.append(f"| {stage} | {t['seconds']:.1f} s | {how} |")
+    if note:
+        lines += ["", f"Conditions: {note}"]
     lines += ["", "| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in machine().items()]
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return out
@@ -792,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ap.add_argument("--rerun", action="store_true", help="train and analyse again even when outputs match")
     ap.add_argument("--device", default="cpu", help="device of the meta-SAE retraining (claim 5)")
+    ap.add_argument("--note", default="", help="a line on the run's conditions (e.g. a shared host) for the document")
     args = ap.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     times = run_pipeline(cfg, rerun=args.rerun)
@@ -799,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
     claims = evaluate_claims(run, args.device)
     command = "python benchmarks/reproduce.py --config " + args.config + "".join(
         f" --set '{o}'" for o in args.overrides) + ("" if args.out == "docs/reproduction.md" else f" --out {args.out}")
-    out = write_document(claims, run, times, command, Path(args.out))
+    out = write_document(claims, run, times, command, Path(args.out), args.note)
     print(f"\n{'claim':<58} {'ours [95%]':<30} verdict")
     for c in claims:
         for row in c.rows:
