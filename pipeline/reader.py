@@ -341,6 +341,16 @@ def _word_dtype(row_bytes: int) -> np.dtype:
     return next(np.dtype(dt) for dt in (np.int64, np.int32, np.int16) if row_bytes % np.dtype(dt).itemsize == 0)
 
 
+def chunk_contexts(cache: Cache, chunk: int, c: int, exclude_bos: bool, bos_token_id: int | None) -> torch.Tensor:
+    """Each token's c-token context (:func:`pipeline.ngram.context` of each cached sequence, with ``bos_token_id``)
+    for one chunk, in :func:`read_chunk`'s order (position 0 dropped with ``exclude_bos`` on a ``prepend_bos``
+    cache): int64 [n, c] on the CPU."""
+    start, stop = chunk_rows(cache, chunk)
+    seqs = torch.from_numpy(cache.tokens(start, stop).astype(np.int64))
+    first = 1 if exclude_bos and cache.meta["prepend_bos"] else 0
+    return ngram_context(seqs, c, bos_token_id)[:, first:].reshape(-1, c)
+
+
 def load_tokens(cache: Cache, hook: str, chunks: list[int], max_tokens: int, exclude_bos: bool = True,
                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", context: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -353,10 +363,7 @@ def load_tokens(cache: Cache, hook: str, chunks: list[int], max_tokens: int, exc
     for c in chunks:
         a, t = read_chunk(cache, hook, c, exclude_bos)
         if context > 1:
-            start, stop = chunk_rows(cache, c)
-            seqs = torch.from_numpy(cache.tokens(start, stop).astype(np.int64))
-            first = 1 if exclude_bos and cache.meta["prepend_bos"] else 0
-            t = ngram_context(seqs, context, cache_bos(cache))[:, first:].reshape(-1, context)
+            t = chunk_contexts(cache, c, context, exclude_bos, cache_bos(cache))
         acts.append(a)
         toks.append(t)
         n += len(t)

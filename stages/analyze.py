@@ -160,8 +160,9 @@ class Context:
     @property
     def bos_token_id(self) -> int | None:
         """The cache's BOS id (``meta["bos_token_id"]``), None when it records none (< 0 or absent)."""
-        b = self.cache.meta.get("bos_token_id")
-        return int(b) if b is not None and int(b) >= 0 else None
+        from pipeline.ngram import cache_bos
+
+        return cache_bos(self.cache)
 
     def heldout_context(self, bos_token_id: int | None = -1) -> torch.Tensor:
         """int64 [n, 3] on the CPU: each held-out token's context (t₋₂, t₋₁, t), −1 = none

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.ngram import NONE, context, ngram_keys
+from pipeline.ngram import NONE, ngram_keys
 
 N_TOP_BIGRAMS = 4096
 """Most frequent training bigrams whose ``[BOS, t₋₁, t]`` activations the bigram-feature analysis encodes."""
@@ -48,16 +48,14 @@ def heldout_contexts(cache, chunks: Sequence[int], n: int, exclude_bos: bool = T
     With ``exclude_bos`` and a ``prepend_bos`` cache, position 0 of each sequence is dropped, as the reader does.
     Fewer than n rows when the chunks hold fewer tokens.
     """
-    from pipeline.reader import chunk_rows
+    from pipeline.reader import chunk_contexts, chunk_rows
 
-    drop = 1 if exclude_bos and cache.meta["prepend_bos"] else 0
     out, got = [], 0
     for ch in chunks:
         a, b = chunk_rows(cache, ch)
         if b <= a:
             continue
-        toks = torch.from_numpy(np.asarray(cache.tokens(a, b)).astype(np.int64))
-        ctx = context(toks, c, bos_token_id)[:, drop:].reshape(-1, c)
+        ctx = chunk_contexts(cache, ch, c, exclude_bos, bos_token_id)
         out.append(ctx)
         got += len(ctx)
         if got >= n:
