@@ -482,7 +482,7 @@ def section_bigram_features(ctx: Context) -> Section:
     with the unigram section's threshold, live-latent rule, Wilson intervals and sweep."""
     from pipeline.analysis import bigrams as B
     from pipeline.analysis import unigram_features as U
-    from pipeline.ngram import cached_ngram_activations
+    from pipeline.ngram import cached_ngram_activations, ngram_keys
 
     a = ctx.cfg.analyze
     mode, thr = a.unigram_threshold_mode, a.unigram_threshold
@@ -493,7 +493,7 @@ def section_bigram_features(ctx: Context) -> Section:
     if not len(grams):
         return Section("bigram_features", title, ["The training split has no bigram."])
     # the cache's stored bigram activations (written by the training of a bigram lookup), the rest computed once
-    acts, _ = cached_ngram_activations(ctx.cache, ctx.hook, 2, grams[:, 0] * ctx.d_vocab + grams[:, 1],
+    acts, _ = cached_ngram_activations(ctx.cache, ctx.hook, 2, ngram_keys(torch.from_numpy(grams), 2, ctx.d_vocab).numpy(),
                                        ctx.device, progress=False)
     share = float(counts.sum() / max(bg.total, 1))
     rows, sweeps, hist, tops = [], {}, {}, {}

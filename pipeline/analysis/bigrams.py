@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.ngram import NONE, ngram_keys
+from pipeline.ngram import NONE, ngram_keys, split_keys
 
 N_TOP_BIGRAMS = 4096
 """Most frequent training bigrams whose ``[BOS, t₋₁, t]`` activations the bigram-feature analysis encodes."""
@@ -168,7 +168,7 @@ def top_bigrams(train_bigrams, n_top: int = N_TOP_BIGRAMS, bos_token_id: int | N
     keep = (np.ones(len(codes), bool) if bos_token_id is None or bos_token_id < 0 else
             (codes // V != bos_token_id) & (codes % V != bos_token_id))  # no n-gram holds a BOS
     codes, counts = codes[keep][:n_top], counts[keep][:n_top]
-    return np.stack([codes // V, codes % V], axis=1).astype(np.int64), counts.astype(np.int64)
+    return split_keys(codes, 2, V).numpy(), counts.astype(np.int64)
 
 
 def bigram_feature_counts(sae, acts: torch.Tensor, max_act: np.ndarray, threshold: float, *,
