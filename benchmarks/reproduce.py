@@ -32,7 +32,8 @@ stages' Python functions, then reads what they wrote — each SAE's ``eval.json`
 **Beyond the paper** (its Sec. 7 next step; the n-gram lookup, ``lookup_ngram`` 2 / 3): when the run trained
 n-gram-lookup SAEs, claims 1 and 2 are repeated for them against the same plain SAEs (B2.1, B2.2 for bigrams), and
 B2.3 asks whether fewer live latents are activated by a bigram input ``[BOS, t₋₁, t]`` (the analysis'
-``bigram_features``) than in the plain twin; the same rule decides them.
+``bigram_features``) than in the plain twin, and B2.4 whether, at equal k, its held-out NMSE is below its
+unigram-lookup twin's (paired bootstrap over held-out sequences); the same rule decides them.
 
 **The verdict rule** (:func:`verdict`, the same for every row): each claim is a direction against a control —
 the plain SAE, a speed-up of 1, a flat slope, the same statistic at initialisation. The 95% interval of ours
@@ -579,6 +580,34 @@ def claim_bigram_features(run: RunData, order: int = 2) -> Claim:
                  "hybrid score method.")
 
 
+def claim_over_unigram(run: RunData, n_boot: int, seed: int, order: int = 2) -> Claim:
+    """Claim B4 (beyond the paper): at equal k, the n-gram-lookup TopK SAE's held-out NMSE is below its
+    unigram-lookup twin's (the paper's tokenized SAE; same d_sae, seed and batches). One row per k of the front:
+    the paired difference, 95% percentile bootstrap over the held-out sequences (the same resamples for both)."""
+    uni = {run.evals[n]["k"]: n for n in run.topk_front(True, 1)}
+    ng = [n for n in run.topk_front(True, order) if run.evals[n]["k"] in uni]
+    word = LOOKUP_WORD[order]
+    title = f"{word.capitalize()} lookup vs the unigram lookup at equal k"
+    figs = [("pareto_nmse.png", "Held-out NMSE against L0 with each family's Pareto front.")]
+    if not ng:
+        return Claim(f"over_unigram{order}", title, [Row(f"B{order}.4", f"held-out NMSE, {word} − unigram lookup",
+                                                         "–", math.nan, None, "0 (unigram-lookup twin)",
+                                                         INCONCLUSIVE, note="no TopK pair of equal k")], figs)
+    final, _ = run.per_seq(ng + [uni[run.evals[n]["k"]] for n in ng])
+    w = M.bootstrap_weights(len(final["_per_seq"]["n"]), n_boot, seed)
+    rows = []
+    for n in ng:
+        u = uni[run.evals[n]["k"]]
+        a, b = ({**final["_per_seq"], **final[x]["per_seq"]} for x in (u, n))
+        d, ci = M.paired_interval(M.nmse_from_sums, a, b, w)
+        rows.append(Row(f"B{order}.4", f"held-out NMSE, {n} − {u}", "– (lower: the table adds what the unigram "
+                        "table cannot)", d, ci, "0 (unigram-lookup twin)", verdict(ci, 0.0, -1), None, "{:+.4f}",
+                        f"NMSE {float(M.nmse_from_sums(M.resample(b))[0]):.4f} vs {float(M.nmse_from_sums(M.resample(a))[0]):.4f}"))
+    return Claim(f"over_unigram{order}", title, rows, figs,
+                 f"Paired differences on the {len(final['_per_seq']['n'])} held-out sequences; {n_boot} resamples, "
+                 "the same for both SAEs of a pair.")
+
+
 def claim_mse_slope(run: RunData, n_boot: int, seed: int) -> Claim:
     """Claim 4: slope of per-token NMSE against log10 training frequency (reference TopK pair)."""
     bins = (run.results.get("mse_by_freq") or {}).get("bins", {})
@@ -720,14 +749,14 @@ def claim_structure(run: RunData, n_boot: int, seed: int, device: str = "cpu") -
 
 def evaluate_claims(run: RunData, device: str = "cpu") -> list[Claim]:
     """The five claims of the module docstring, in order; then, for every n-gram lookup order the run trained
-    (issue "n-gram lookup tables"), claims 1 and 2 repeated for that lookup and its bigram-feature share (B1–B3),
-    decided by the same rule."""
+    (issue "n-gram lookup tables"), claims 1 and 2 repeated for that lookup, its bigram-feature share and its
+    NMSE against the unigram-lookup twin (B1–B4), decided by the same rule."""
     n_boot, seed = run.cfg.train.bootstrap_samples, run.cfg.train.seed
     claims = [claim_pareto(run, n_boot, seed), claim_convergence(run, n_boot, seed), claim_unigram(run),
               claim_mse_slope(run, n_boot, seed), claim_structure(run, n_boot, seed, device)]
     for order in run.orders():
         claims += [claim_pareto(run, n_boot, seed, order), claim_convergence(run, n_boot, seed, order),
-                   claim_bigram_features(run, order)]
+                   claim_bigram_features(run, order), claim_over_unigram(run, n_boot, seed, order)]
     return claims
 
 

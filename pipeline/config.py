@@ -133,6 +133,17 @@ class SAEConfig:
     lookup_lr_scale: float = 25.0
     """Lookup learning rate = lookup_lr_scale * lr. Default 25: the authors' 0.01 (paper Sec. 4.2, smol-sae
     ``tokenized.py``) at the base rate 4e-4 (``train.lr``'s default); the paper allows up to 100x."""
+    ngram_init: str = "zero"
+    """How the n-gram rows start (lookup_ngram >= 2): "zero" = at zero (the tables learn from the training data
+    alone; no LM forward); "lm" = from the model's activation on ``[BOS, t₋₁, t]`` (``[BOS, t₋₂, t₋₁, t]``) minus
+    the lower-order rows, scaled by alpha (pipeline/saes/base.py ``init_from_data``). Default "zero": on the demo
+    cache (TopK k 32, 131 steps) the bigram twin's held-out NMSE minus its unigram twin's was −0.0031
+    [−0.0034, −0.0027] with "zero" and +0.0159 [+0.0142, +0.0177] with "lm" (paired bootstrap over the 112
+    held-out sequences; docs/ngram-lookup.md): position 2 of ``[BOS, a, b]`` is a poor stand-in for the
+    activation of (a, b) in context, and a rare bigram's row, touched a few times a run, cannot unlearn it."""
+    ngram_lr_scale: float = 25.0
+    """Learning rate of the n-gram tables (lookup_ngram >= 2) = ngram_lr_scale * lr, in their own lazy-Adam
+    parameter group (same schedule as the unigram table's)."""
     aux_k: int = 512
     """AuxK dead latents (TopK family; Gao et al. 2024)."""
     aux_coeff: float = 1 / 32
@@ -177,8 +188,9 @@ class SAEConfig:
             raise ConfigError(f"{where}: set expansion > 0 or d_sae > 0")
         if not 0.0 <= self.alpha < 1.0:
             raise ConfigError(f"{where}.alpha={self.alpha} must be in [0, 1)")
-        if self.lookup_lr_scale <= 0:
-            raise ConfigError(f"{where}.lookup_lr_scale must be > 0")
+        if self.lookup_lr_scale <= 0 or self.ngram_lr_scale <= 0:
+            raise ConfigError(f"{where}: lookup_lr_scale ({self.lookup_lr_scale}) and ngram_lr_scale "
+                              f"({self.ngram_lr_scale}) must be > 0 (multiples of the SAE's lr)")
         if self.lookup_rows < 0 or self.aux_k < 0 or self.aux_coeff < 0:
             raise ConfigError(f"{where}: lookup_rows, aux_k and aux_coeff must be >= 0")
         if self.lookup_ngram not in (1, 2, 3):
@@ -187,6 +199,9 @@ class SAEConfig:
         if self.lookup_ngram > 1 and not self.tokenized:
             raise ConfigError(f"{where}.lookup_ngram={self.lookup_ngram} needs tokenized = true (the n-gram tables "
                               "extend the per-token lookup)")
+        if self.ngram_init not in ("lm", "zero"):
+            raise ConfigError(f"{where}.ngram_init={self.ngram_init!r} must be \"lm\" (the model's [BOS, ...] "
+                              "activations) or \"zero\"")
         for n in (2, 3):
             if self.lookup_ngram >= n and getattr(self, f"lookup_rows_{n}") <= 0:
                 raise ConfigError(f"{where}.lookup_rows_{n}={getattr(self, f'lookup_rows_{n}')} must be > 0 "
@@ -220,7 +235,7 @@ class SAEConfig:
         if not self.tokenized:
             c.alpha, c.lookup_rows, c.lookup_lr_scale, c.lookup_ngram = 0.5, 0, 25.0, 1
         if c.lookup_ngram < 2:
-            c.lookup_rows_2 = 16384
+            c.lookup_rows_2, c.ngram_lr_scale, c.ngram_init = 16384, SAEConfig.ngram_lr_scale, SAEConfig.ngram_init
         if c.lookup_ngram < 3:
             c.lookup_rows_3 = 16384
         return c

@@ -290,7 +290,8 @@ class MemberOptions:
     """Per-SAE optimisation settings that override :class:`TrainOptions` for one member of a run.
 
     param_lr: {parameter name: peak learning rate} for parameters that get their own Adam parameter group
-    (same schedule), e.g. JumpReLU's ``log_threshold``. grad_clip / sparsity_warmup_steps: this SAE's values
+    (same schedule), e.g. JumpReLU's ``log_threshold``; a lookup table named here (``W_lookup_2``) gets its own
+    group of the lazy Adam instead. grad_clip / sparsity_warmup_steps: this SAE's values
     (None: the run's :class:`TrainOptions`)."""
 
     param_lr: dict[str, float] = field(default_factory=dict)
@@ -333,14 +334,19 @@ class MultiTrainer:
             unknown = sorted(set(mo.param_lr) - set(named))
             if unknown:
                 raise ValueError(f"{name}: param_lr names {unknown}, which {type(sae).__name__} does not have")
-            lookups = [p for n, p in named.items() if n.startswith("W_lookup")]  # unigram (+ n-gram) tables
-            dense = [p for n, p in named.items() if not n.startswith("W_lookup") and n not in mo.param_lr]
-            groups = [{"params": dense, "lr": lr}] + [{"params": [named[n]], "lr": v} for n, v in mo.param_lr.items()]
+            # unigram (+ n-gram) lookup tables: lazy Adam, at lookup_lr unless param_lr names them
+            sparse = {n for n in named if n.startswith("W_lookup")}
+            dense = [p for n, p in named.items() if n not in sparse and n not in mo.param_lr]
+            groups = [{"params": dense, "lr": lr}] + [{"params": [named[n]], "lr": v} for n, v in mo.param_lr.items()
+                                                      if n not in sparse]
             params = [p for g in groups for p in g["params"]]
             optims: list[torch.optim.Optimizer] = [torch.optim.Adam(groups, lr=lr, betas=opts.betas,
                                                                     fused=_fused_ok(params))]
-            if lookups:
-                optims.append(LazyAdam(lookups, lr=lookup_lr, betas=opts.betas))
+            lazy = [{"params": [p for n, p in named.items() if n in sparse and n not in mo.param_lr], "lr": lookup_lr}]
+            lazy += [{"params": [named[n]], "lr": v} for n, v in mo.param_lr.items() if n in sparse]
+            lazy = [g for g in lazy if g["params"]]
+            if lazy:
+                optims.append(LazyAdam(lazy, lr=lookup_lr, betas=opts.betas))
             scheds = [torch.optim.lr_scheduler.LambdaLR(o, sched) for o in optims]
             fwd = torch.compile(sae) if opts.compile else sae
             clip = opts.grad_clip if mo.grad_clip is None else mo.grad_clip

@@ -75,7 +75,7 @@ def check_finite(trainer: MultiTrainer, step: int, metrics: dict[str, dict[str, 
             raise TrainingDiverged(f"SAE {m.name}: its weights are NaN/inf at step {step}: {hint}")
 
 
-_SHORT = {"alpha": "a", "lookup_rows": "r", "lookup_ngram": "ng", "lookup_rows_2": "r2", "lookup_rows_3": "r3", "lr": "lr", "lookup_lr_scale": "ls", "aux_k": "ak", "aux_coeff": "ac",
+_SHORT = {"alpha": "a", "lookup_rows": "r", "lookup_ngram": "ng", "lookup_rows_2": "r2", "lookup_rows_3": "r3", "lr": "lr", "lookup_lr_scale": "ls", "ngram_lr_scale": "nls", "ngram_init": "ni", "aux_k": "ak", "aux_coeff": "ac",
           "bandwidth": "bw", "init_threshold": "th", "threshold_lr": "tlr", "grad_clip": "gc",
           "sparsity_warmup_frac": "sw", "seed": "s"}
 
@@ -115,7 +115,7 @@ class Spec:
 
     def options(self, t: TrainConfig, total_steps: int) -> MemberOptions:
         """This SAE's :class:`MemberOptions` under ``[train]`` settings ``t`` for a run of ``total_steps``:
-        JumpReLU's log-threshold lr (``threshold_lr``; 0 = max(lr, :data:`THRESHOLD_TRAVEL` / total_steps));
+        the n-gram tables' lr (``ngram_lr_scale`` × lr); JumpReLU's log-threshold lr (``threshold_lr``; 0 = max(lr, :data:`THRESHOLD_TRAVEL` / total_steps));
         the gradient clip and λ warm-up of the SAE, else ``train``'s when set (> 0), else the architecture's
         default (relu / gated: clip 1 and λ warm-up over the first 5% of steps, Anthropic Circuits Updates
         April 2024)."""
@@ -123,6 +123,8 @@ class Spec:
         param_lr = {}
         if self.params.architecture == "jumprelu":
             param_lr["log_threshold"] = self.cfg.threshold_lr or max(self.lr, THRESHOLD_TRAVEL / total_steps)
+        for n in range(2, self.params.lookup_ngram + 1):  # the n-gram tables: their own lazy-Adam group
+            param_lr[f"W_lookup_{n}"] = self.lr * self.cfg.ngram_lr_scale
         clip = self.cfg.grad_clip if self.cfg.grad_clip >= 0 else (t.grad_clip or cls.default_grad_clip)
         frac = self.cfg.sparsity_warmup_frac
         warm = (round(frac * total_steps) if frac >= 0 else
@@ -136,7 +138,7 @@ PLAIN_TWIN = "plain-twin"
 
 def twin_key(spec: Spec) -> str:
     """What a plain SAE and its tokenized twin share: every setting but ``tokenized``, the lookup's own fields
-    (alpha, lookup_rows, lookup_lr_scale), the name and any init pairing."""
+    (alpha, lookup_rows, lookup_lr_scale, the n-gram fields), the name and any init pairing."""
     c = spec.cfg
     d = asdict(dataclasses.replace(c, tokenized=False, name="").canonical())
     d.pop("init_like", None)
@@ -269,19 +271,23 @@ def ngram_init(cache: Cache, hook: str, specs: list[Spec], chunks: list[int], fi
     the training input scale) of the m most frequent n-grams of the training ``chunks`` (m = the largest
     ``lookup_rows_<n>`` asked for): what :meth:`SAE.init_from_data` takes as ``ngram_acts``. The activations
     come from the cache's n-gram table, the missing ones from the cache's model (stored back when the cache is
-    writable; :func:`pipeline.ngram.cached_ngram_activations`). {} when no SAE has an n-gram lookup."""
+    writable; :func:`pipeline.ngram.cached_ngram_activations`); None when every SAE of that order starts its
+    rows at zero (``ngram_init = "zero"``: no LM needed). {} when no SAE has an n-gram lookup."""
     from pipeline.ngram import cached_ngram_activations
 
     out = {}
     for n in (2, 3):
-        want = max((getattr(s.params, f"lookup_rows_{n}") for s in specs
-                    if s.params.tokenized and s.params.lookup_ngram >= n), default=0)
+        users = [s for s in specs if s.params.tokenized and s.params.lookup_ngram >= n]
+        want = max((getattr(s.params, f"lookup_rows_{n}") for s in users), default=0)
         if want == 0:
             continue
         keys, counts = ngram_counts(cache, chunks, n, first)
         keys = keys[:want]
         click.echo(f"train: {n}-gram tables: the {len(keys):,} most frequent of {len(counts):,} distinct {n}-grams of "
                    f"the training split ({int(counts[:want].sum()):,} of {int(counts.sum()):,} {n}-gram positions)")
+        if all(s.cfg.ngram_init == "zero" for s in users):
+            out[n] = (torch.from_numpy(keys), None)
+            continue
         acts, note = cached_ngram_activations(cache, hook, n, keys, device)
         if note:
             click.echo(f"train: {note}")
@@ -351,7 +357,8 @@ def run(cfg: Config, only: list[str] | None = None, progress: bool = True) -> di
     for s in specs:
         sae = initial_sae(s.params, s.init_seed).to(dev)  # random weights from its own init seed (or its twin's)
         sae.init_from_data(x0, tok0, unigram, s.cfg.alpha, token_counts=counts, b_dec_init=t.b_dec_init,
-                           ngram_acts=ngram_acts if s.params.lookup_ngram > 1 else None)
+                           ngram_acts=({n: (k, a if s.cfg.ngram_init == "lm" else None) for n, (k, a) in ngram_acts.items()}
+                                       if s.params.lookup_ngram > 1 else None))
         members[s.name] = (sae, s.lr, s.lr * s.cfg.lookup_lr_scale, s.options(t, total_steps))
     opts = TrainOptions(total_steps=total_steps, warmup_steps=t.warmup_steps, lr_final_frac=t.lr_final_frac,
                         lr_schedule=t.lr_schedule, lr_decay_frac=t.lr_decay_frac,

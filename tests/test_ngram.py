@@ -247,6 +247,23 @@ def test_init_rows_are_bos_ngram_activations_minus_lower_orders(tiny_acts):
             assert 0 < n2 < len(trigrams)
 
 
+def test_zero_init_keeps_the_rows_and_starts_them_at_zero():
+    """ngram_acts with activations None (``ngram_init = "zero"``): the keys still pick and order the rows, every
+    n-gram row is zero, so the lookup starts as the unigram table's."""
+    V, d = 12, 8
+    p = SAEParams("topk", d, 32, k=4, tokenized=True, d_vocab=V, lookup_ngram=3, lookup_rows_2=6, lookup_rows_3=4,
+                  bos_token_id=0)
+    sae = ARCHITECTURES["topk"](p)
+    keys = {2: G.ngram_keys(torch.tensor([[3, 4], [5, 6], [1, 2]]), 2, V),
+            3: G.ngram_keys(torch.tensor([[1, 3, 4], [2, 5, 6]]), 3, V)}
+    ctx = G.context(torch.randint(1, V, (2, 16)), 3, 0).reshape(-1, 3)
+    sae.init_from_data(torch.randn(32, d), ctx, torch.randn(V, d), 0.5, ngram_acts={n: (k, None) for n, k in keys.items()})
+    assert not sae.W_lookup_2.any() and not sae.W_lookup_3.any()
+    assert sae.ngram_rows(torch.tensor([[0, 1, 2], [0, 3, 4], [1, 3, 4]]), 2).tolist() == [2, 0, 0]
+    assert sae.ngram_rows(torch.tensor([[2, 5, 6], [7, 5, 6]]), 3).tolist() == [1, 4]  # 4: the fallback row
+    torch.testing.assert_close(sae.lookup(ctx), sae.lookup_orders(ctx, 1))
+
+
 def _touched(sae, ctx: torch.Tensor, n: int) -> set[int]:
     """Distinct rows of W_lookup_<n> a batch of contexts indexes, the fallback row left out (a loop)."""
     fallback = sae.ngram_rows_count(n)
@@ -312,6 +329,39 @@ def test_a_training_step_moves_only_the_batch_rows():
     tr2.step(x2, ctx2, log=False)
     for k, v in sae.state_dict().items():
         assert torch.equal(v, twin.state_dict()[k]), k
+
+
+def test_ngram_tables_train_at_their_own_lr(tmp_path):
+    """``ngram_lr_scale`` gives W_lookup_2 / _3 their own lazy-Adam group at ngram_lr_scale × lr (the unigram table
+    stays at lookup_lr_scale × lr): a first Adam step moves a touched row's entries by ~that lr each."""
+    from pipeline.training import LazyAdam, MemberOptions, MultiTrainer, TrainOptions
+    from stages import train
+    from tests.conftest import make_config
+
+    cfg = make_config(tmp_path, 'train.saes=[{architecture="topk", tokenized=true, lookup_ngram=3, '
+                                'ngram_lr_scale=0.5, lookup_lr_scale=20.0, lr=1e-3}]')
+    s = cfg.train.saes[0]
+    spec = train.Spec(train.sae_name(s, 32), SAEParams(architecture="topk", d_model=D, d_sae=32, tokenized=True,
+                      lookup_ngram=3, lookup_rows_2=8, lookup_rows_3=8), s, 0, s.lr)
+    assert spec.name.endswith("-ls20-nls0.5")
+    assert spec.options(cfg.train, 10).param_lr == {"W_lookup_2": 5e-4, "W_lookup_3": 5e-4}
+
+    sae, keys = random_ngram_sae(3, seed=13)
+    opts = MemberOptions(param_lr={"W_lookup_2": 1e-4, "W_lookup_3": 3e-4})
+    tr = MultiTrainer({"s": (sae, 1e-3, 1e-2, opts)}, TrainOptions(total_steps=10, warmup_steps=0))
+    lazy = next(o for o in tr.members[0].optimizers if isinstance(o, LazyAdam))
+    assert [([id(p) for p in g["params"]], g["lr"]) for g in lazy.param_groups] == [
+        ([id(sae.W_lookup)], 1e-2), ([id(sae.W_lookup_2)], 1e-4), ([id(sae.W_lookup_3)], 3e-4)]
+    dense = [p for g in tr.members[0].optimizers[0].param_groups for p in g["params"]]
+    assert not {id(p) for p in dense} & {id(sae.W_lookup), id(sae.W_lookup_2), id(sae.W_lookup_3)}
+    g = torch.Generator().manual_seed(14)
+    ctx = random_contexts(keys, 3, 90, g)
+    before = {n: p.detach().clone() for n, p in sae.named_parameters() if n.startswith("W_lookup")}
+    tr.step(torch.randn(len(ctx), D, generator=g), ctx, log=False)
+    for n, lr in (("W_lookup", 1e-2), ("W_lookup_2", 1e-4), ("W_lookup_3", 3e-4)):
+        step = (getattr(sae, n).detach() - before[n]).abs()
+        moved = step[step > 0]
+        assert len(moved) > 0 and torch.allclose(moved.median(), torch.tensor(lr), rtol=0.05), n
 
 
 def test_a_trainer_with_lazy_adam_survives_a_deep_copy():

@@ -144,7 +144,7 @@ def test_end_to_end_tiny(tmp_path, capsys):
     assert "reusing the SAEs" in printed and "reusing the analysis" in printed
     assert "(reused)" in printed
     # a bigram-lookup SAE added to the config afterwards: only it is trained (the others reused), the analysis
-    # reruns, and the bigram claims B2.1-B2.3 join the table, decided by the same rule
+    # reruns, and the bigram claims B2.1-B2.4 join the table, decided by the same rule
     sets2 = [s for s in sets if not s.startswith("train.saes=") and not s.startswith("analyze.analyses=")] + [
         TINY_SAES[:-1] + ', {architecture="topk", tokenized=true, lookup_ngram=2, lookup_rows_2=512, expansion=4, '
                          'k=[4,8], init_like="plain-twin"}]',
@@ -160,5 +160,5 @@ def test_end_to_end_tiny(tmp_path, capsys):
     assert {n for n in after if n not in mtimes} == {"topk-tok-256-k4-ng2-r2512", "topk-tok-256-k8-ng2-r2512"}, after
     assert all(after[n] == t for n, t in mtimes.items())  # the first SAEs untouched
     text = out.read_text()
-    for claim in ("B2.1", "B2.2", "B2.3"):
+    for claim in ("B2.1", "B2.2", "B2.3", "B2.4"):
         assert any(line.startswith(f"| {claim} |") for line in text.splitlines()), claim

@@ -685,8 +685,8 @@ class SAE(nn.Module):
         used) and the model's activation at the last position of ``[BOS, t₋₁, t]`` (``[BOS, t₋₂, t₋₁, t]``), in
         the same units as x. Each row is alpha × that activation minus the lower-order rows the same position
         gets, W_2[(a, b)] = α·act[BOS, a, b] − W_1[b] and W_3[(a, b, c)] = α·act[BOS, a, b, c] − W_1[c] − W_2[(b, c)],
-        so the lookup of a tabled n-gram starts at α × its activation. Raises ValueError on missing or
-        mis-shaped tables.
+        so the lookup of a tabled n-gram starts at α × its activation; acts None: the rows start at zero (the
+        n-grams' keys still pick the rows). Raises ValueError on missing or mis-shaped tables.
         """
         lookup = 0.0
         if self.W_lookup is not None:
@@ -734,8 +734,8 @@ class SAE(nn.Module):
             keys, acts = ngram_acts[n]
             rows = self.ngram_rows_count(n)
             keys = torch.as_tensor(keys, dtype=torch.long).reshape(-1)[:rows]
-            acts = torch.as_tensor(acts)[:rows]
-            if acts.dim() != 2 or acts.shape != (len(keys), self.params.d_model):
+            acts = None if acts is None else torch.as_tensor(acts)[:rows]
+            if acts is not None and (acts.dim() != 2 or acts.shape != (len(keys), self.params.d_model)):
                 raise ValueError(f"{n}-gram activations have shape {tuple(acts.shape)}, expected "
                                  f"({len(keys)}, d_model={self.params.d_model})")
             if len(torch.unique(keys)) != len(keys) or bool((keys < 0).any()):
@@ -752,9 +752,10 @@ class SAE(nn.Module):
             getattr(self, f"ngram_keys_{n}").copy_(skeys)
             getattr(self, f"ngram_rows_{n}").copy_(srows)
             W.zero_()
-            ctx = split_keys(keys, n, self.params.d_vocab).to(dev)  # [m, n], each n-gram as its own context
-            lower = self.lookup_orders(ctx, n - 1) if m else 0.0
-            W[:m] = alpha * acts.to(W) - lower
+            if acts is not None:
+                ctx = split_keys(keys, n, self.params.d_vocab).to(dev)  # [m, n], each n-gram as its own context
+                lower = self.lookup_orders(ctx, n - 1) if m else 0.0
+                W[:m] = alpha * acts.to(W) - lower
 
     def lookup_orders(self, tokens: Tensor, up_to: int) -> Tensor:
         """The lookup summed over orders 1..``up_to`` only: [batch, d_model] for a context [batch, c >= up_to]."""
