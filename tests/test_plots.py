@@ -143,3 +143,18 @@ def test_positions_overall_band_never_below_zero(tmp_path, monkeypatch):
             assert c.get_paths()[0].vertices[:, 1].min() >= 0  # the band is clipped at 0
     assert "clipped at 0" in fig.axes[0].get_ylabel()
     assert P.duplicate_series(fig) == []
+
+
+@pytest.mark.parametrize("lo,hi,want", [(8, 64, ["10", "20", "50"]), (1e-4, 1.0, ["0.0001", "0.001", "0.01", "0.1", "1"])])
+def test_plain_log_ticks_label_with_plain_numbers(lo, hi, want):
+    """A log axis gets plain-number major labels (1, 2, 5 × 10ⁿ on a short axis, 10ⁿ on a long one) and no minor
+    labels: the Pareto figure's 2×10¹-style minor labels ran into each other."""
+    fig, ax = P.subplots()
+    ax.plot([lo, hi], [1, 2])
+    ax.set_xscale("log")
+    P.plain_log_ticks(ax.xaxis)
+    fig.canvas.draw()
+    shown = [t.get_text() for t, v in zip(ax.get_xticklabels(), ax.get_xticks()) if lo <= v <= hi]
+    assert shown == want
+    assert not any(t.get_text() for t in ax.xaxis.get_minorticklabels())
+    matplotlib.pyplot.close(fig)

@@ -81,9 +81,10 @@ def plot_frontier(fr: Frontier, path, ylabel: str):
     :func:`pipeline.analysis.plots.sae_styles`) and each family's Pareto front (line in the family's colour, solid
     plain, dashed unigram lookup, dotted bigram, dash-dot trigram): lower-left is better. Log axes where the values
     span a factor > 30."""
-    from pipeline.analysis.plots import family_style, legend_outside, sae_styles, subplots
+    from pipeline.analysis.plots import family_style, legend_outside, plain_log_ticks, sae_styles, subplots
 
-    fig, ax = subplots(figsize=(8.5, 5))
+    entries = sum(len(ps) + 1 for ps in fr.points.values())  # legend: each SAE and each family's front
+    fig, ax = subplots(figsize=(8.5 + 3.5 * ((entries - 1) // 24), 5))  # a column more: wider, the axes keep their room
     styles = sae_styles([p[0] for ps in fr.points.values() for p in ps])
     ys = []
     for g, ps in sorted(fr.points.items()):
@@ -99,9 +100,11 @@ def plot_frontier(fr: Frontier, path, ylabel: str):
     ax.set_xlabel("L0 (held-out, log scale)")
     ax.set_ylabel(ylabel)
     ax.set_xscale("log")
+    plain_log_ticks(ax.xaxis)
     pos = [y for y in ys if y > 0]
     if pos and max(pos) / min(pos) > 30:
         ax.set_yscale("log")
+        plain_log_ticks(ax.yaxis)
     ax.grid(alpha=0.3, which="both")
     legend_outside(ax)
     ax.set_title(f"{ylabel} vs L0 (Pareto fronts)")

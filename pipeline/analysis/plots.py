@@ -248,6 +248,21 @@ def legend_outside(target, handles=None, labels=None, title: str | None = None, 
                          fontsize=fontsize, title=title, title_fontsize=fontsize, ncol=ncol, **kw)
 
 
+def plain_log_ticks(axis) -> None:
+    """Label a log-scaled ``axis`` (``ax.xaxis`` / ``ax.yaxis``, after plotting) with plain numbers (8, 10, 20, 50;
+    ``{:g}``) instead of matplotlib's 2×10¹-style minor labels, which run into each other on a short axis:
+    major ticks at 1, 2, 5 × 10ⁿ when the axis spans less than two decades, else at 10ⁿ; minor ticks unlabelled."""
+    import math
+
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    lo, hi = sorted(axis.get_view_interval())
+    span = math.log10(hi / lo) if lo > 0 else math.inf
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if span < 2 else (1.0,)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def subplots(*args, **kw):
     """``plt.subplots`` with constrained layout (outside legends and axis labels are laid out, never clipped)."""
     kw.setdefault("layout", "constrained")
