@@ -334,17 +334,19 @@ class MultiTrainer:
             unknown = sorted(set(mo.param_lr) - set(named))
             if unknown:
                 raise ValueError(f"{name}: param_lr names {unknown}, which {type(sae).__name__} does not have")
-            # unigram (+ n-gram) lookup tables: lazy Adam, at lookup_lr unless param_lr names them
-            sparse = {n for n in named if n.startswith("W_lookup")}
-            dense = [p for n, p in named.items() if n not in sparse and n not in mo.param_lr]
-            groups = [{"params": dense, "lr": lr}] + [{"params": [named[n]], "lr": v} for n, v in mo.param_lr.items()
-                                                      if n not in sparse]
-            params = [p for g in groups for p in g["params"]]
-            optims: list[torch.optim.Optimizer] = [torch.optim.Adam(groups, lr=lr, betas=opts.betas,
+            # dense Adam at lr; the unigram (+ n-gram) lookup tables lazy Adam at lookup_lr; a parameter named in
+            # param_lr gets its own group of its optimiser
+            groups: dict[bool, list[dict]] = {False: [{"params": [], "lr": lr}], True: [{"params": [], "lr": lookup_lr}]}
+            for n, p in named.items():
+                kind = groups[n.startswith("W_lookup")]
+                if n in mo.param_lr:
+                    kind.append({"params": [p], "lr": mo.param_lr[n]})
+                else:
+                    kind[0]["params"].append(p)
+            params = [p for g in groups[False] for p in g["params"]]
+            optims: list[torch.optim.Optimizer] = [torch.optim.Adam(groups[False], lr=lr, betas=opts.betas,
                                                                     fused=_fused_ok(params))]
-            lazy = [{"params": [p for n, p in named.items() if n in sparse and n not in mo.param_lr], "lr": lookup_lr}]
-            lazy += [{"params": [named[n]], "lr": v} for n, v in mo.param_lr.items() if n in sparse]
-            lazy = [g for g in lazy if g["params"]]
+            lazy = [g for g in groups[True] if g["params"]]
             if lazy:
                 optims.append(LazyAdam(lazy, lr=lookup_lr, betas=opts.betas))
             scheds = [torch.optim.lr_scheduler.LambdaLR(o, sched) for o in optims]
