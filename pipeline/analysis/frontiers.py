@@ -81,10 +81,12 @@ def plot_frontier(fr: Frontier, path, ylabel: str):
     :func:`pipeline.analysis.plots.sae_styles`) and each family's Pareto front (line in the family's colour, solid
     plain, dashed unigram lookup, dotted bigram, dash-dot trigram): lower-left is better. Log axes where the values
     span a factor > 30."""
-    from pipeline.analysis.plots import family_style, legend_outside, plain_log_ticks, sae_styles, subplots
+    from pipeline.analysis.plots import (family_style, legend_columns, legend_outside, plain_log_ticks, sae_styles,
+                                         subplots)
 
     entries = sum(len(ps) + 1 for ps in fr.points.values())  # legend: each SAE and each family's front
-    fig, ax = subplots(figsize=(8.5 + 3.5 * ((entries - 1) // 24), 5))  # a column more: wider, the axes keep their room
+    # each legend column beyond the first widens the figure, so that the axes keep their room
+    fig, ax = subplots(figsize=(8.5 + 3.5 * (legend_columns(entries) - 1), 5))
     styles = sae_styles([p[0] for ps in fr.points.values() for p in ps])
     ys = []
     for g, ps in sorted(fr.points.items()):

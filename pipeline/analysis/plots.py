@@ -227,6 +227,15 @@ def _legend_proxy(h):
     return h
 
 
+AXES_LEGEND_ROWS = 24
+"""Entries per column of an Axes' outside legend (:func:`legend_outside`)."""
+
+
+def legend_columns(entries: int) -> int:
+    """Columns of an Axes' outside legend of ``entries`` entries (:data:`AXES_LEGEND_ROWS` a column)."""
+    return max(1, -(-entries // AXES_LEGEND_ROWS))
+
+
 def legend_outside(target, handles=None, labels=None, title: str | None = None, fontsize: float = 7, **kw):
     """A legend outside the plotting area, so it never covers data: to the right of an Axes, or of the whole
     Figure (one legend for all panels, duplicates removed). Long lists are split into columns. Returns it."""
@@ -243,7 +252,7 @@ def legend_outside(target, handles=None, labels=None, title: str | None = None, 
                              title=title, title_fontsize=fontsize, ncol=ncol, **kw)
     h, lab = target.get_legend_handles_labels() if handles is None else (handles, labels)
     h = [_legend_proxy(x) for x in h]
-    ncol = max(1, -(-len(lab) // 24))
+    ncol = legend_columns(len(lab))
     return target.legend(h, lab, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0,
                          fontsize=fontsize, title=title, title_fontsize=fontsize, ncol=ncol, **kw)
 
