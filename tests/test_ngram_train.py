@@ -142,14 +142,21 @@ def _bigram_sae(V=12, d=8, rows2=20, seed=0):
     return ARCHITECTURES["topk"](p)
 
 
+def _toy_batch(n_seq: int, c: int, seed: int, V: int, d: int):
+    """Random sequences int64 [n_seq, 9] over ids 1..V-1 with BOS 0 at position 0; each non-BOS position's context
+    int64 [n_seq·8, c] (pipeline.ngram.context), random activations float32 [n_seq·8, d], and the generator that
+    drew them (seeded by ``seed``) for the test's further draws."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = torch.randint(1, V, (n_seq, 9), generator=g)
+    seqs[:, 0] = 0
+    ctx = context(seqs, c, 0)[:, 1:].reshape(-1, c)
+    return seqs, ctx, torch.randn(len(ctx), d, generator=g), g
+
+
 def test_checkpoint_round_trip_continues_exactly():
     """3 steps, state_dict → a fresh trainer → 2 more steps equals 5 steps in one go (lazy Adam of both tables)."""
     V, d = 12, 8
-    g = torch.Generator().manual_seed(0)
-    seqs = torch.randint(1, V, (40, 9), generator=g)
-    seqs[:, 0] = 0
-    ctx = context(seqs, 2, 0)[:, 1:].reshape(-1, 2)
-    x = torch.randn(len(ctx), d, generator=g)
+    seqs, ctx, x, _ = _toy_batch(40, 2, seed=0, V=V, d=d)
     keys = torch.unique(ngram_keys(ctx, 2, V))
     keys = keys[keys >= 0][:20]
 
@@ -314,11 +321,7 @@ def test_every_architecture_trains_with_a_trigram_lookup(arch):
     """Each architecture with lookup_ngram = 3: a trainer step on contexts moves only its touched n-gram rows, the
     loss is finite, and ids alone are refused."""
     V, d = 12, 8
-    g = torch.Generator().manual_seed(3)
-    seqs = torch.randint(1, V, (16, 9), generator=g)
-    seqs[:, 0] = 0
-    ctx = context(seqs, 3, 0)[:, 1:].reshape(-1, 3)
-    x = torch.randn(len(ctx), d, generator=g)
+    seqs, ctx, x, g = _toy_batch(16, 3, seed=3, V=V, d=d)
     torch.manual_seed(0)
     p = SAEParams(architecture=arch, d_model=d, d_sae=32, k=4, tokenized=True, d_vocab=V, lookup_ngram=3,
                   lookup_rows_2=30, lookup_rows_3=30, bos_token_id=0, prefixes=[8, 16, 32] if "matryoshka" in arch
