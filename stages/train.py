@@ -75,7 +75,8 @@ def check_finite(trainer: MultiTrainer, step: int, metrics: dict[str, dict[str, 
             raise TrainingDiverged(f"SAE {m.name}: its weights are NaN/inf at step {step}: {hint}")
 
 
-_SHORT = {"alpha": "a", "lookup_rows": "r", "lookup_ngram": "ng", "lookup_rows_2": "r2", "lookup_rows_3": "r3", "lr": "lr", "lookup_lr_scale": "ls", "ngram_lr_scale": "nls", "ngram_init": "ni", "aux_k": "ak", "aux_coeff": "ac",
+_SHORT = {"alpha": "a", "lookup_rows": "r", "lookup_ngram": "ng", "lookup_rows_2": "r2", "lookup_rows_3": "r3", "lr": "lr",
+          "lookup_lr_scale": "ls", "ngram_lr_scale": "nls", "ngram_init": "ni", "aux_k": "ak", "aux_coeff": "ac",
           "bandwidth": "bw", "init_threshold": "th", "threshold_lr": "tlr", "grad_clip": "gc",
           "sparsity_warmup_frac": "sw", "seed": "s"}
 
