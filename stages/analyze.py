@@ -547,7 +547,7 @@ def section_bigram_features(ctx: Context) -> Section:
     return Section("bigram_features", title,
                    [f"The {len(grams):,} most frequent bigrams (t₋₁, t) of the training split (held-out chunks never "
                     f"counted; none starting with a BOS), {share:.1%} of its bigram occurrences, are run through the "
-                    "cache's model as `[BOS, t₋₁, t]` (read from the cache's bigram table where training stored them, "
+                    "cache's model as `[BOS, t₋₁, t]` (read from the cache's bigram table where an earlier train or analysis stored them, "
                     "else computed and stored: `pipeline.ngram.cached_ngram_activations`) and the activation "
                     f"b_(t₋₁,t) at `{ctx.hook}` (last position) is encoded; the bigram activates latent i when "
                     f"{definition}. Live latents only, as in the unigram section; interval: {U.INTERVAL_METHOD}. "
